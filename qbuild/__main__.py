@@ -1,0 +1,5 @@
+"""``python -m qbuild``."""
+
+from qbuild.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Compile backends: turn an exported ONNX model into a runnable artifact."""

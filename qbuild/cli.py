@@ -1,0 +1,92 @@
+"""Command line: argument parsing and rendering only; each error class has its own exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from qbuild.errors import EXIT_INTERRUPTED, QBuildError
+
+COMMANDS = ("build", "plan")
+
+USAGE = """qbuild [build] MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
+       qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qbuild", usage=USAGE,
+                                description="Declarative, incremental builds of transformers for "
+                                            "Cloud AI 100 and ONNX Runtime.")
+    p.add_argument("manifest", help="manifest file (.yaml or .toml), in any directory")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: compile.num_cores=8 model=tiny-llama")
+    p.add_argument("--json", action="store_true", help="JSON-lines events and a final summary object")
+    p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
+    p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
+                   help="print the resolved configuration and exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qbuild`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args and args[0] in COMMANDS else "build"
+    ns = _parser().parse_args(args)
+    try:
+        if ns.cfg:
+            return _print_cfg(ns)
+        return _plan(ns) if command == "plan" else _build(ns)
+    except QBuildError as exc:
+        return _fail(exc, ns.json)
+    except KeyboardInterrupt:
+        print("qbuild: interrupted; nothing partial was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _fail(exc: QBuildError, as_json: bool) -> int:
+    if os.environ.get("QBUILD_FULL_ERROR") == "1":
+        traceback.print_exception(exc)
+    if as_json:
+        print(json.dumps({"event": "error", "error": type(exc).__name__, "message": str(exc),
+                          "exit_code": exc.exit_code}))
+    print(f"qbuild: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _print_cfg(ns: argparse.Namespace) -> int:
+    from qbuild.manifest import compose, to_yaml
+
+    print(to_yaml(compose(ns.manifest, ns.overrides).config), end="")
+    return 0
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from qbuild.api import plan
+
+    p = plan(ns.manifest, ns.overrides, cache_dir=ns.cache_dir)
+    rows = [{"name": s.name, "key": s.key, "state": s.state, "reasons": s.reasons} for s in p.stages]
+    if ns.json:
+        print(json.dumps({"name": p.composed.name, "notes": p.notes, "stages": rows}))
+        return 0
+    print(f"qbuild plan: {p.composed.name} ({p.composed.source})")
+    for note in p.notes:
+        print(f"  {note}")
+    for r in rows:
+        reasons = "; ".join(r["reasons"])
+        print(f"  {r['name']:<10} {r['state']:<7} {r['key'][:12]}  {reasons}".rstrip())
+    return 0
+
+
+def _build(ns: argparse.Namespace) -> int:
+    from qbuild.api import build
+    from qbuild.execute.reporter import ConsoleReporter, JsonReporter
+
+    reporter: Any = JsonReporter() if ns.json else ConsoleReporter()
+    result = build(ns.manifest, ns.overrides, cache_dir=ns.cache_dir, reporter=reporter)
+    if ns.json:
+        print(json.dumps(result.summary()))
+    return 0

@@ -1,0 +1,1 @@
+"""Execution of a plan and the event stream it reports."""

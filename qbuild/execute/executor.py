@@ -1,0 +1,93 @@
+"""Run a plan: build the stages marked 'build' under per-key locks, publish atomically, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from qbuild import errors
+from qbuild.execute.reporter import Reporter
+from qbuild.plan.planner import Plan, StagePlan
+from qbuild.stages.base import StageContext
+from qbuild.store import Entry, Store
+from qbuild.store.store import remove_tree
+
+_STAGE_ERRORS: dict[str, type[errors.StageError]] = {
+    "load": errors.LoadError, "transform": errors.TransformError, "export": errors.ExportError,
+    "compile": errors.CompileError, "verify": errors.VerifyError,
+}
+
+
+@dataclass
+class BuildResult:
+    """What a build did: per stage its key, state and seconds; the artifacts by name."""
+
+    name: str
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "stages": self.stages, "artifacts": self.artifacts,
+                "seconds": round(self.seconds, 3)}
+
+
+def execute(plan: Plan, store: Store, reporter: Reporter) -> BuildResult:
+    """Build every stage of ``plan`` that is not cached; return the result."""
+    t_build = time.monotonic()
+    if any(sp.state == "build" for sp in plan.stages):
+        store.clean_staging()
+    result = BuildResult(plan.composed.name)
+    entries: dict[str, Entry] = {}
+    memo: dict[str, Any] = {}
+    history = store.read_history(plan.manifest_id) if not store.readonly else {}
+    history.update(manifest=str(plan.composed.source), stages=history.get("stages", {}))
+    for sp in plan.stages:
+        t0 = time.monotonic()
+        entry, state = (sp.entry, "cached") if sp.state == "cached" else (None, "build")
+        if entry is None:
+            reporter.emit({"event": "stage_started", "stage": sp.name, "key": sp.key, "reasons": sp.reasons})
+            entry, state = _build(sp, plan, store, entries, memo, reporter)
+        assert entry is not None
+        entries[sp.name] = entry
+        seconds = round(time.monotonic() - t0, 3)
+        reporter.emit({"event": f"stage_{state}", "stage": sp.name, "key": sp.key, "seconds": seconds})
+        result.stages.append({"name": sp.name, "key": sp.key, "state": state, "seconds": seconds})
+        for name, rel in entry.meta.get("artifacts", {}).items():
+            result.artifacts[name] = str((entry.out / rel).resolve())
+        if not store.readonly and history["stages"].get(sp.name, {}).get("key") != sp.key:
+            history["stages"][sp.name] = {"key": sp.key, "identity": sp.identity}
+            store.write_history(plan.manifest_id, history)
+    result.seconds = time.monotonic() - t_build
+    reporter.emit({"event": "summary", **result.summary()})
+    return result
+
+
+def _build(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], memo: dict[str, Any],
+           reporter: Reporter) -> tuple[Entry, str]:
+    def on_wait(holder: str) -> None:
+        reporter.emit({"event": "lock_wait", "stage": sp.name, "key": sp.key, "holder": holder})
+
+    with store.lock(sp.key, on_wait):
+        entry, _problem = store.lookup(sp.name, sp.key)
+        if entry is not None:  # another process built it while we waited
+            return entry, "cached"
+        staging = store.new_staging(sp.key)
+        ctx = StageContext(plan.composed.manifest, plan.source, staging / "out", dict(entries), memo, store,
+                           lambda msg, frac: reporter.emit({"event": "progress", "stage": sp.name,
+                                                            "message": msg, "fraction": frac}))
+        t0 = time.monotonic()
+        try:
+            meta = sp.stage.run(ctx)
+        except BaseException as exc:
+            remove_tree(staging)
+            reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,
+                           "seconds": round(time.monotonic() - t0, 3), "error": str(exc)})
+            if isinstance(exc, errors.QBuildError) or not isinstance(exc, Exception):
+                raise
+            cls = _STAGE_ERRORS.get(sp.name, errors.StageError)
+            raise cls(f"{sp.name} failed: {type(exc).__name__}: {exc}") from exc
+        record = {"identity": sp.identity, "meta": meta, "seconds": round(time.monotonic() - t0, 3),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return store.publish(sp.name, sp.key, staging, record), "built"

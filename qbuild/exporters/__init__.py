@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX exporters, one module per task."""

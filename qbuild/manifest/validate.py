@@ -1,0 +1,260 @@
+"""Turn a composed config dict into a frozen, validated :class:`Manifest`.
+
+``to_manifest`` walks the dataclasses of ``qbuild.manifest.schema`` generically: keys, types,
+``choices`` and ``min`` / ``max`` metadata. ``check_manifest`` then applies the cross-field rules.
+Every error is a :class:`ManifestError` whose ``key`` is the full dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import Field, fields, is_dataclass
+from functools import cache
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from qbuild.errors import ManifestError
+from qbuild.manifest.schema import Manifest
+
+_NoneType = type(None)
+
+
+def to_manifest(data: Mapping[str, Any]) -> Manifest:
+    """Build a frozen :class:`Manifest` from a plain mapping, then apply :func:`check_manifest`."""
+    if not isinstance(data, Mapping):
+        raise ManifestError(f"manifest: expected a mapping at the top level, got {_describe(data)}")
+    manifest = _build(Manifest, data, "")
+    check_manifest(manifest)
+    return manifest
+
+
+# --- messages -------------------------------------------------------------------------------------
+
+
+def suggest(word: str, options: Sequence[str]) -> str:
+    """``; did you mean 'x'?`` for the closest option, or ``""`` when nothing is close."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _describe(value: Any) -> str:
+    """``str 'abc'`` — the YAML-ish type name and the value."""
+    kind = {bool: "bool", int: "int", float: "float", str: "str", _NoneType: "null"}.get(type(value))
+    if kind is None:
+        kind = "mapping" if isinstance(value, Mapping) else "list" if isinstance(value, list) else "value"
+    return f"{kind} {value!r}" if value is not None else "null"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict or is_dataclass(tp):
+        return "mapping"
+    return {_NoneType: "null", Any: "any value"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def unknown_key_error(key: str, valid: Sequence[str]) -> ManifestError:
+    """The error for a key that is not in its group's schema, with the valid keys and a suggestion."""
+    parent, _, name = key.rpartition(".")
+    where = f"'{parent}'" if parent else "the top level"
+    return ManifestError(
+        f"{key}: unknown key; valid keys in {where}: {', '.join(sorted(valid))}{suggest(name, valid)}",
+        key=key,
+    )
+
+
+# --- the walker -----------------------------------------------------------------------------------
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and bad values raise."""
+    by_name: dict[str, Field[Any]] = {f.name: f for f in fields(cls)}
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = _join(prefix, str(name))
+        if name not in by_name:
+            raise unknown_key_error(key, list(by_name))
+        meta = by_name[name].metadata
+        kwargs[name] = _check_meta(_convert(hints[name], value, key), meta, key)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``; return it (nested dataclasses built, ints widened to float)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return _convert_union(tp, value, key)
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _type_error(key, tp, value)
+        return _build(tp, value, key)  # type: ignore[arg-type]
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        elem = get_args(tp)[0] if get_args(tp) else Any
+        return [_convert(elem, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(key, tp, value)
+        return dict(value)
+    return _convert_scalar(tp, value, key)
+
+
+def _convert_union(tp: Any, value: Any, key: str) -> Any:
+    args = get_args(tp)
+    if value is None:
+        if _NoneType in args:
+            return None
+        raise _type_error(key, tp, value)
+    for arg in (a for a in args if a is not _NoneType):
+        try:
+            return _convert(arg, value, key)
+        except ManifestError:
+            continue
+    raise _type_error(key, tp, value)
+
+
+def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(tp, type):
+        ok = isinstance(value, tp)
+    else:  # an annotation this walker does not know: accept, the schema's own tests cover it
+        ok = True
+    if not ok:
+        raise _type_error(key, tp, value)
+    return value
+
+
+def _type_error(key: str, tp: Any, value: Any) -> ManifestError:
+    field_key = key.split("[", 1)[0]
+    return ManifestError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}", key=field_key)
+
+
+def _check_meta(value: Any, meta: Mapping[str, Any], key: str) -> Any:
+    """Apply ``choices`` and ``min`` / ``max`` (per element for lists)."""
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = [_show(c) for c in choices]
+        raise ManifestError(
+            f"{key}: {_show(value)!r} is not one of: {', '.join(shown)}{suggest(str(value), shown)}",
+            key=key,
+        )
+    if "min" in meta or "max" in meta:
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            _check_range(item, meta.get("min"), meta.get("max"), where, key)
+    return value
+
+
+def _check_range(value: Any, lo: Any, hi: Any, where: str, key: str) -> None:
+    if value is None or (lo is None or value >= lo) and (hi is None or value <= hi):
+        return
+    if lo is not None and hi is not None:
+        bound = f"between {lo} and {hi}"
+    else:
+        bound = f">= {lo}" if lo is not None else f"<= {hi}"
+    raise ManifestError(f"{where}: {value} is out of range; must be {bound}", key=key)
+
+
+# --- cross-field rules ----------------------------------------------------------------------------
+
+
+def check_manifest(m: Manifest) -> None:
+    """Rules that span several keys: model source, sequence lengths vs context, transform names."""
+    _check_model(m)
+    _check_seq(m)
+    _check_transforms(m)
+
+
+def _check_model(m: Manifest) -> None:
+    sources = [
+        key
+        for key, is_set in (
+            ("model.path", bool(m.model.path)),
+            ("model.name", bool(m.model.name)),
+            ("model.init=random", m.model.init == "random"),
+        )
+        if is_set
+    ]
+    how = (
+        "set exactly one of model.path (a local save_pretrained directory), model.name (a hub id in "
+        "the local cache) or model.init=random (with model.architecture), e.g. the override "
+        "'model=tiny-llama'"
+    )
+    if not sources:
+        raise ManifestError(f"model: missing model source; {how}", key="model")
+    if len(sources) > 1:
+        raise ManifestError(f"model: more than one model source ({', '.join(sources)}); {how}", key="model")
+    if m.model.init == "random" and not m.model.architecture:
+        raise ManifestError(
+            "model.architecture: required with model.init=random (a transformers model_type, e.g. llama)",
+            key="model.architecture",
+        )
+
+
+def _check_seq(m: Manifest) -> None:
+    lengths, ctx = m.seq.lengths, m.seq.ctx_len
+    if not lengths:
+        raise ManifestError(
+            "seq.lengths: must list at least one sequence length, e.g. [32]", key="seq.lengths"
+        )
+    over = [n for n in lengths if n > ctx]
+    if over:
+        raise ManifestError(
+            f"seq.lengths: {lengths} exceeds seq.ctx_len={ctx} (too long: {', '.join(map(str, over))}); "
+            "each length must be <= seq.ctx_len",
+            key="seq.lengths",
+        )
+    if m.verify.seq_len > ctx:
+        raise ManifestError(
+            f"verify.seq_len: {m.verify.seq_len} is longer than seq.ctx_len={ctx}; must be <= seq.ctx_len",
+            key="verify.seq_len",
+        )
+
+
+def _known_transforms() -> list[str]:
+    try:
+        from qbuild.transforms import known_transforms
+    except ImportError:  # the transforms package is optional while it is being written
+        return []
+    return list(known_transforms())
+
+
+def _check_transforms(m: Manifest) -> None:
+    if not m.transforms.apply:
+        return  # qbuild.transforms is imported only when a manifest names a transform
+    known = _known_transforms()
+    for i, name in enumerate(m.transforms.apply):
+        if name not in known:
+            listed = ", ".join(known) if known else "(none registered)"
+            raise ManifestError(
+                f"transforms.apply[{i}]: unknown transform {name!r}; known: {listed}{suggest(name, known)}",
+                key="transforms.apply",
+            )

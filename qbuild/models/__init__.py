@@ -1,0 +1,1 @@
+"""Model sources: random initialisation and loading from local directories."""

@@ -1,0 +1,135 @@
+"""Create and load Hugging Face models (torch and transformers are imported inside functions)."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qbuild.errors import LoadError
+
+#: task -> transformers auto class
+_AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "embedding": "AutoModel"}
+_DTYPES = ("float32", "float16", "bfloat16")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
+def _auto_class(task: str) -> Any:
+    if task not in _AUTO_CLASSES:
+        raise LoadError(f"model.task: unknown task {task!r}; expected one of {sorted(_AUTO_CLASSES)}")
+    import transformers
+
+    return getattr(transformers, _AUTO_CLASSES[task])
+
+
+def _torch_dtype(dtype: str) -> Any:
+    if dtype not in _DTYPES:
+        raise LoadError(f"model.dtype: unknown dtype {dtype!r}; expected one of {list(_DTYPES)}")
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' per-file progress bars (the build reports its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _make_config(architecture: str, overrides: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    known = list(CONFIG_MAPPING.keys())
+    if architecture not in known:
+        close = difflib.get_close_matches(architecture, known, n=5, cutoff=0.6)
+        hint = f"did you mean: {', '.join(close)}?" if close else "use a transformers model_type, e.g. llama"
+        raise LoadError(f"model.architecture: unknown architecture {architecture!r}", hint=hint)
+    try:
+        return AutoConfig.for_model(architecture, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"model.config: cannot build a {architecture} config: {_one_line(exc)}") from exc
+
+
+def init_random(
+    architecture: str,
+    overrides: dict[str, Any],
+    seed: int,
+    dtype: str,
+    out_dir: Path,
+    *,
+    task: str = "causal_lm",
+) -> dict[str, Any]:
+    """Initialise ``architecture`` with random weights (seeded) and save it to ``out_dir``."""
+    import torch
+
+    config = _make_config(architecture, dict(overrides))
+    auto, torch_dtype = _auto_class(task), _torch_dtype(dtype)
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        try:
+            model = auto.from_config(config)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise LoadError(
+                f"model.architecture: {architecture!r} has no {task} model: {_one_line(exc)}"
+            ) from exc
+    model = model.to(torch_dtype)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # transformers 5 always writes safetensors (safe_serialization is gone from save_pretrained)
+    with _no_progress_bars():
+        model.save_pretrained(out_dir)
+    return {
+        "model_type": config.model_type,
+        "architectures": list(getattr(model.config, "architectures", None) or []),
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "dtype": dtype,
+        "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()),
+    }
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise LoadError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise LoadError(
+            f"model directory {model_dir} has no config.json",
+            hint="expected a directory written by save_pretrained",
+        )
+    if not any(any(model_dir.glob(p)) for p in _WEIGHT_PATTERNS):
+        raise LoadError(
+            f"model directory {model_dir} has no weights (*.safetensors or pytorch_model*.bin)",
+            hint="expected a directory written by save_pretrained",
+        )
+
+
+def load_model(model_dir: Path, task: str, dtype: str) -> Any:
+    """Load a model from a local directory only: eager attention, eval mode, no gradients."""
+    model_dir = Path(model_dir)
+    _check_model_dir(model_dir)
+    auto, torch_dtype = _auto_class(task), _torch_dtype(dtype)
+    try:
+        with _no_progress_bars():
+            model = auto.from_pretrained(
+                model_dir, local_files_only=True, attn_implementation="eager", dtype=torch_dtype
+            )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise LoadError(f"cannot load {task} model from {model_dir}: {_one_line(exc)}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,1 @@
+"""Planning: keys, the stage graph and the pure planner."""

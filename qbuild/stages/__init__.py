@@ -1,0 +1,1 @@
+"""Build stages: each declares params, tools and upstream; only ``run()`` acts."""

@@ -1,0 +1,105 @@
+"""load: resolve the model source and materialise random weights (the weights' identity is the key)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from qbuild.errors import LoadError, PlanError
+from qbuild.manifest.schema import Manifest
+from qbuild.stages.base import Source, Stage, StageContext
+from qbuild.store import StatCache
+
+
+def _model_files(directory: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, as huggingface_hub resolves it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def _hub_snapshot(name: str, revision: str) -> Path | None:
+    repo = hub_cache_dir() / ("models--" + name.replace("/", "--"))
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snap = repo / "snapshots" / commit
+    return snap if (snap / "config.json").is_file() else None
+
+
+def resolve_source(m: Manifest, stats: StatCache) -> Source:
+    """Find the model files and digest them (through the stat cache); no torch."""
+    spec = m.model
+    if spec.init == "random":
+        return Source("random")
+    if spec.path is not None:
+        directory, kind = Path(spec.path).expanduser(), "path"
+        if not (directory / "config.json").is_file():
+            what = "does not exist" if not directory.exists() else "has no config.json"
+            raise PlanError(
+                f"model.path: {directory} {what}",
+                hint="point model.path at a directory written by save_pretrained()",
+            )
+    else:
+        assert spec.name is not None
+        snap = _hub_snapshot(spec.name, spec.revision)
+        if snap is None:
+            raise PlanError(
+                f"model.name: '{spec.name}' (revision {spec.revision}) is not in the local Hugging Face "
+                f"cache ({hub_cache_dir()}) and no model hub is reachable from qbuild",
+                hint=f"download it where the hub is reachable (hf download {spec.name}) and copy the "
+                "cache here, or save it with save_pretrained() and set model.path=/that/directory",
+            )
+        directory, kind = snap, "hub"
+    files = {f.relative_to(directory).as_posix(): stats.digest(f) for f in _model_files(directory)}
+    return Source(kind, directory.resolve(), files)
+
+
+class LoadStage(Stage):
+    name = "load"
+    version = 1
+    tools = ("qbuild", "torch", "transformers")
+    upstream = ()
+
+    def params(self, m: Manifest) -> dict[str, Any]:
+        spec = m.model
+        p: dict[str, Any] = {"model.task": spec.task, "model.dtype": spec.dtype}
+        if spec.init == "random":
+            p |= {"model.init": "random", "model.architecture": spec.architecture,
+                  "model.config": dict(spec.config), "model.seed": spec.seed}
+        elif spec.name is not None:
+            p |= {"model.name": spec.name, "model.revision": spec.revision}
+        return p
+
+    def sources(self, source: Source) -> dict[str, str]:
+        return dict(source.files)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        m, src = ctx.manifest.model, ctx.source
+        if src.kind == "random":
+            from qbuild.models.source import init_random
+
+            assert m.architecture is not None
+            ctx.progress("initialising random weights", None)
+            info = init_random(m.architecture, dict(m.config), m.seed, m.dtype, ctx.out / "model", task=m.task)
+            return {"source": "random", **info, "artifacts": {"model": "model"}}
+        assert src.directory is not None
+        now = {f.relative_to(src.directory).as_posix(): ctx.store.stats.digest(f)
+               for f in _model_files(src.directory)}
+        if now != src.files:
+            changed = sorted(k for k in set(now) | set(src.files) if now.get(k) != src.files.get(k))
+            raise LoadError(f"model files changed while building: {', '.join(changed)}",
+                            hint="run the build again")
+        (ctx.out / "source.json").write_text(json.dumps({"kind": src.kind, "directory": str(src.directory),
+                                                         "files": src.files}, indent=1))
+        return {"source": src.kind, "directory": str(src.directory)}

@@ -1,0 +1,1 @@
+"""Verification of compiled artifacts against the PyTorch reference."""

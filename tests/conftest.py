@@ -1,0 +1,66 @@
+"""Shared fixtures: manifests written from dicts, a warm cache of the tiny Llama build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "manifests" / "tiny-llama.yaml"
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path) -> Callable[..., Path]:
+    """Write a YAML manifest from a dict; the test shows its whole input."""
+
+    def write(data: dict[str, Any], name: str = "m.yaml", directory: Path | None = None) -> Path:
+        path = (directory or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def run_qbuild(*args: str, cache: Path | None = None, env: dict[str, str] | None = None,
+               check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    if cache is not None:
+        full_env["QBUILD_CACHE"] = str(cache)
+    proc = subprocess.run([sys.executable, "-m", "qbuild", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qbuild {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def warm_tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding a complete build of manifests/tiny-llama.yaml."""
+    from qbuild.api import build
+
+    cache = tmp_path_factory.mktemp("warm") / "cache"
+    build(TINY, cache_dir=cache)
+    return cache
+
+
+@pytest.fixture
+def tiny_cache(warm_tiny_cache: Path, tmp_path: Path) -> Path:
+    """A private copy of the warm cache that a test may change."""
+    dst = tmp_path / "cache"
+    shutil.copytree(warm_tiny_cache, dst, symlinks=True)
+    return dst
