@@ -11,6 +11,8 @@ from typing import Any
 
 from qbuild.errors import ExportError
 
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits",)
 EXPORTERS = ("legacy", "dynamo")
@@ -101,14 +103,12 @@ def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int) 
         dynamo=True,
         verbose=False,
     )
-    program.save(str(path), external_data=True)
+    program.save(str(path), external_data=True)  # tensors go to model.onnx.data
 
 
 def _check_args(exporter: str, opset: int) -> None:
     if exporter not in EXPORTERS:
-        raise ExportError(
-            f"export.exporter: unknown exporter {exporter!r}; expected one of {list(EXPORTERS)}"
-        )
+        raise ExportError(f"export.exporter: unknown exporter {exporter!r}; expected one of {list(EXPORTERS)}")
     if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
         raise ExportError(
             f"export.opset: the dynamo exporter needs opset >= {DYNAMO_MIN_OPSET}, got {opset}",
@@ -124,28 +124,56 @@ def _check_args(exporter: str, opset: int) -> None:
             )
 
 
+def _files(out_dir: Path) -> set[str]:
+    return {p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()}
+
+
+def _gather_external_data(path: Path, extra: set[str]) -> None:
+    """Fold the legacy exporter's one-file-per-tensor external data (models > 2 GiB) into one file."""
+    import onnx
+
+    if not extra:
+        return
+    model = onnx.load(str(path))  # reads the external tensors into memory
+    for name in extra:
+        (path.parent / name).unlink()
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+
+
 def export_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int) -> dict[str, Any]:
-    """Export ``model`` to ``out_dir/model.onnx`` with dynamic batch and seq axes; check the result."""
+    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``) with dynamic batch and seq axes.
+
+    The result is checked with ``onnx.checker``. Returns the file names written and the I/O names.
+    """
     import onnx
 
     _check_args(exporter, opset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
+    path = out_dir / MODEL_FILE
     wrapper = _logits_module(model)
     args = example_inputs(int(model.config.vocab_size))
-    export = _export_dynamo if exporter == "dynamo" else _export_legacy
+    before = _files(out_dir)
     try:
         with _quiet():
-            export(wrapper, args, path, opset)
+            if exporter == "dynamo":
+                _export_dynamo(wrapper, args, path, opset)
+            else:
+                _export_legacy(wrapper, args, path, opset)
+                _gather_external_data(path, _files(out_dir) - before - {MODEL_FILE})
         onnx.checker.check_model(str(path))
-    except ExportError:
-        raise
     except Exception as exc:
         raise ExportError(f"{exporter} export to {path} failed: {_one_line(exc)}") from exc
     return {
-        "onnx": path.name,
-        "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()),
+        "onnx": MODEL_FILE,
+        "files": sorted(_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})),
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
         "exporter": exporter,

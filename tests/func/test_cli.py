@@ -1,0 +1,69 @@
+"""The command line: --cfg, --json errors, verify failures, concurrent builders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qbuild.api import plan
+from tests.conftest import ROOT, TINY, json_lines, run_qbuild
+
+pytestmark = pytest.mark.slow
+
+
+def test_cfg_prints_the_resolved_configuration(tmp_path: Path) -> None:
+    proc = run_qbuild(str(TINY), "compile.num_cores=3", "--cfg", cache=tmp_path / "c", check=True)
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["compile"]["num_cores"] == 3
+    assert cfg["model"]["architecture"] == "llama"
+    assert not (tmp_path / "c").exists()
+
+
+def test_verify_mismatch_fails_and_publishes_no_verify_entry(tiny_cache: Path) -> None:
+    proc = run_qbuild(str(TINY), "verify.atol=1e-9", "--json", cache=tiny_cache)
+    assert proc.returncode == 7, proc.stderr
+    assert "Traceback" not in proc.stderr and "max abs diff" in proc.stderr.lower()
+    events = json_lines(proc.stdout)
+    assert events[-1]["event"] == "error" and events[-1]["error"] == "VerifyError"
+    assert any(e["event"] == "stage_failed" and e["stage"] == "verify" for e in events)
+    p = plan(TINY, ["verify.atol=1e-9"], cache_dir=tiny_cache)
+    assert [s.state for s in p.stages] == ["cached"] * 4 + ["build"]
+    assert not list((tiny_cache / "staging").iterdir())
+    full = run_qbuild(str(TINY), "verify.atol=1e-9", cache=tiny_cache, env={"QBUILD_FULL_ERROR": "1"})
+    assert full.returncode == 7 and "Traceback" in full.stderr
+
+
+def test_concurrent_builders_build_each_stage_once(tmp_path: Path) -> None:
+    env = {**os.environ, "QBUILD_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-m", "qbuild", str(TINY), "--json"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    summaries = [json_lines(out)[-1]["stages"] for out, _ in outs]
+    for i in range(5):
+        states = sorted(s[i]["state"] for s in summaries)
+        assert states.count("built") == 1, (i, states)
+    assert len(list((tmp_path / "cache" / "objects").rglob("record.json"))) == 5
+
+
+def test_python_m_and_console_script_agree(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "qbuild"
+    a = subprocess.run([str(script), "plan", str(TINY), "--json"], capture_output=True, text=True,
+                       env={**os.environ, "QBUILD_CACHE": str(tmp_path)}, check=True)
+    b = run_qbuild("plan", str(TINY), "--json", cache=tmp_path, check=True)
+    assert a.stdout == b.stdout
+
+
+def test_public_api_is_pinned() -> None:
+    import qbuild
+
+    assert qbuild.__all__ == sorted(qbuild.__all__)
+    assert qbuild.__all__ == [
+        "BuildResult", "CacheError", "CompileError", "ExportError", "ManifestError", "PlanError",
+        "QBuildError", "StageError", "VerifyError", "__version__", "build", "plan",
+    ]
