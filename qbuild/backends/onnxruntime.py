@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbuild.errors import CompileError
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -30,11 +33,13 @@ _PLAN = {"basic": ("basic", "disabled"), "extended": ("extended", "disabled"), "
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
-def _options(level: str, intra: int) -> Any:
+def _options(level: str, intra: int) -> onnxruntime.SessionOptions:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -49,17 +54,13 @@ def _io(args: list[Any]) -> list[dict[str, Any]]:
     return [{"name": a.name, "type": a.type, "shape": [str(d) for d in a.shape]} for a in args]
 
 
-def compile_onnx(
-    onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimization: str
-) -> dict[str, Any]:
+def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimization: str) -> dict[str, Any]:
     """Optimise ``onnx_path`` offline into ``out_dir/model.onnx`` (+ ``.data``) and write ``session.json``."""
     import onnxruntime as ort
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if graph_optimization not in _PLAN:
-        raise CompileError(
-            f"compile.graph_optimization: unknown level {graph_optimization!r} for {onnx_path}"
-        )
+        raise CompileError(f"compile.graph_optimization: unknown level {graph_optimization!r} for {onnx_path}")
     if not onnx_path.is_file():
         raise CompileError(f"ONNX file {onnx_path} does not exist")
     target = out_dir / MODEL_FILE
@@ -94,7 +95,7 @@ def compile_onnx(
     return {**info, "files": files}
 
 
-def open_session(artifact_dir: Path, num_threads: int | None = None) -> Any:
+def open_session(artifact_dir: Path, num_threads: int | None = None) -> onnxruntime.InferenceSession:
     """Open ``artifact_dir/model.onnx`` with the settings recorded in ``session.json``.
 
     The saved model is already optimised, so it opens with optimisation disabled (unless

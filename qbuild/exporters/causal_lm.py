@@ -7,9 +7,12 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbuild.errors import ExportError
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -23,8 +26,10 @@ _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 8
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _logits_module(model: Any) -> Any:
@@ -147,7 +152,7 @@ def _gather_external_data(path: Path, extra: set[str]) -> None:
     )
 
 
-def export_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int) -> dict[str, Any]:
+def export_causal_lm(model: torch.nn.Module, out_dir: Path, *, exporter: str, opset: int) -> dict[str, Any]:
     """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``) with dynamic batch and seq axes.
 
     The result is checked with ``onnx.checker``. Returns the file names written and the I/O names.

@@ -6,9 +6,12 @@ import contextlib
 import difflib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbuild.errors import LoadError
+
+if TYPE_CHECKING:
+    import torch
 
 #: task -> transformers auto class
 _AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "embedding": "AutoModel"}
@@ -33,21 +36,25 @@ def _torch_dtype(dtype: str) -> Any:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Hide transformers' per-file progress bars (the build reports its own progress)."""
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bars and load reports (the build reports its own progress)."""
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
-        if was_enabled:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
             hf_logging.enable_progress_bar()
 
 
@@ -62,7 +69,7 @@ def _make_config(architecture: str, overrides: dict[str, Any]) -> Any:
         raise LoadError(f"model.architecture: unknown architecture {architecture!r}", hint=hint)
     try:
         return AutoConfig.for_model(architecture, **overrides)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # config validators raise assorted types
         raise LoadError(f"model.config: cannot build a {architecture} config: {_one_line(exc)}") from exc
 
 
@@ -84,15 +91,13 @@ def init_random(
         torch.manual_seed(seed)
         try:
             model = auto.from_config(config)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise LoadError(
-                f"model.architecture: {architecture!r} has no {task} model: {_one_line(exc)}"
-            ) from exc
+        except Exception as exc:
+            raise LoadError(f"model.architecture: {architecture!r} has no {task} model: {_one_line(exc)}") from exc
     model = model.to(torch_dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # transformers 5 always writes safetensors (safe_serialization is gone from save_pretrained)
-    with _no_progress_bars():
+    with _quiet_transformers():
         model.save_pretrained(out_dir)
     return {
         "model_type": config.model_type,
@@ -118,18 +123,33 @@ def _check_model_dir(model_dir: Path) -> None:
         )
 
 
-def load_model(model_dir: Path, task: str, dtype: str) -> Any:
-    """Load a model from a local directory only: eager attention, eval mode, no gradients."""
+def load_model(model_dir: Path, task: str, dtype: str) -> torch.nn.Module:
+    """Load a model from a local directory only: eager attention, eval mode, no gradients.
+
+    Weights the model needs but the checkpoint lacks are an error (transformers would initialise
+    them randomly); extra checkpoint weights (e.g. a causal LM's head under task embedding) are not.
+    """
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
     auto, torch_dtype = _auto_class(task), _torch_dtype(dtype)
     try:
-        with _no_progress_bars():
-            model = auto.from_pretrained(
-                model_dir, local_files_only=True, attn_implementation="eager", dtype=torch_dtype
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(
+                model_dir,
+                local_files_only=True,
+                attn_implementation="eager",
+                dtype=torch_dtype,
+                output_loading_info=True,
             )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except Exception as exc:
         raise LoadError(f"cannot load {task} model from {model_dir}: {_one_line(exc)}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise LoadError(
+            f"model directory {model_dir} lacks weights the {task} model needs: {shown}",
+            hint="check model.task matches the checkpoint (e.g. a base model saved without its LM head)",
+        )
     model.eval()
     model.requires_grad_(False)
     return model

@@ -22,6 +22,13 @@ ENTRY_POINT_GROUP = "qbuild.transforms"
 _REGISTRY: dict[str, tuple[str, int]] = {}
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
 def _plugins() -> dict[str, Any]:
     """Entry points of the ``qbuild.transforms`` group by name (built-ins shadow plugins)."""
     from importlib.metadata import entry_points
@@ -70,7 +77,6 @@ def apply_transforms(model: Any, names: Sequence[str]) -> list[dict[str, Any]]:
         except QBuildError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise TransformError(f"transform {name!r} failed: {type(exc).__name__}: {first}") from exc
+            raise TransformError(f"transform {name!r} failed: {_one_line(exc)}") from exc
         reports.append({"name": name, "version": version, **(result or {})})
     return reports

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbuild.errors import VerifyError
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
 
 
 def verify_inputs(batch_size: int, seq_len: int, seed: int, vocab_size: int) -> tuple[Any, Any]:
@@ -22,6 +26,13 @@ def verify_inputs(batch_size: int, seq_len: int, seed: int, vocab_size: int) -> 
         if pad:
             attention_mask[i, seq_len - pad :] = 0
     return input_ids, attention_mask
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def torch_logits(model: Any, input_ids: Any, attention_mask: Any) -> Any:
@@ -49,7 +60,14 @@ def _max_diff(ref: Any, got: Any, mask: Any) -> tuple[float, tuple[int, int]]:
 
 
 def verify_causal_lm(
-    model: Any, session: Any, *, batch_size: int, seq_len: int, seed: int, atol: float, vocab_size: int
+    model: torch.nn.Module,
+    session: onnxruntime.InferenceSession,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    atol: float,
+    vocab_size: int,
 ) -> dict[str, Any]:
     """Raise VerifyError if ONNX Runtime's logits differ from PyTorch's by more than ``atol``."""
     import numpy as np
@@ -59,8 +77,7 @@ def verify_causal_lm(
     try:
         got = session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise VerifyError(f"ONNX Runtime failed on the verify inputs: {type(exc).__name__}: {first}") from exc
+        raise VerifyError(f"ONNX Runtime failed on the verify inputs: {_one_line(exc)}") from exc
     if got.shape != ref.shape:
         raise VerifyError(f"logits shape differs: ONNX Runtime {got.shape} vs PyTorch {ref.shape}")
     valid = attention_mask.astype(bool)

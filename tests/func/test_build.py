@@ -201,3 +201,21 @@ def test_missing_local_model_dir_is_a_plan_error(tmp_path: Path, write_manifest)
     proc = run_qbuild(str(hub), cache=tmp_path / "cache", env={"HF_HUB_CACHE": str(tmp_path / "hf")})
     assert proc.returncode == 3
     assert "meta-llama/Llama-3.2-1B" in proc.stderr and "model.path" in proc.stderr
+
+
+def test_hub_id_resolves_from_the_local_hub_cache(tmp_path: Path, write_manifest) -> None:
+    from qbuild.models.source import init_random
+
+    hub = tmp_path / "hf"
+    repo = hub / "models--acme--tiny"
+    init_random("llama", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128}, 0,
+                "float32", repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    m = write_manifest({"defaults": ["_self_"], "model": {"name": "acme/tiny"}, "verify": {"enabled": False}})
+    env = {"HF_HUB_CACHE": str(hub)}
+    proc = run_qbuild(str(m), "--json", cache=tmp_path / "cache", env=env, check=True)
+    assert [s["state"] for s in json_lines(proc.stdout)[-1]["stages"]] == ["built"] * 4
+    other = run_qbuild("plan", str(m), "model.revision=v2", cache=tmp_path / "cache", env=env)
+    assert other.returncode == 3 and "acme/tiny" in other.stderr and "revision v2" in other.stderr

@@ -136,9 +136,7 @@ def test_verify_passes(tiny: dict) -> None:
     from qbuild.verify.causal_lm import verify_causal_lm
 
     session = open_session(tiny["root"] / "compiled")
-    report = verify_causal_lm(
-        tiny["model"], session, batch_size=4, seq_len=16, seed=0, atol=ATOL, vocab_size=VOCAB
-    )
+    report = verify_causal_lm(tiny["model"], session, batch_size=4, seq_len=16, seed=0, atol=ATOL, vocab_size=VOCAB)
     assert report["max_abs_diff"] <= ATOL
     assert report["positions_compared"] == 16 + 14 + 12 + 10
     assert report["argmax_agreement"] == 1.0
@@ -189,9 +187,7 @@ def test_dynamo_export_compiles_and_verifies(tiny: dict) -> None:
     compile_onnx(root / "dynamo" / "model.onnx", root / "dynamo_ort", num_cores=2, graph_optimization="all")
     session = open_session(root / "dynamo_ort")
     assert [i.shape for i in session.get_inputs()] == [["batch", "seq"], ["batch", "seq"]]
-    report = verify_causal_lm(
-        tiny["model"], session, batch_size=3, seq_len=12, seed=1, atol=ATOL, vocab_size=VOCAB
-    )
+    report = verify_causal_lm(tiny["model"], session, batch_size=3, seq_len=12, seed=1, atol=ATOL, vocab_size=VOCAB)
     assert report["max_abs_diff"] <= ATOL
 
 
@@ -264,3 +260,40 @@ def test_registry_and_entry_point_transforms(tiny: dict, monkeypatch: pytest.Mon
         {"name": "tagged", "version": 4, "changed": 1},
     ]
     assert transforms.apply_transforms(tiny["model"], []) == []
+
+
+def test_load_model_refuses_missing_weights(tmp_path: Path) -> None:
+    """A base model (no LM head) loaded as causal_lm must fail, not get a random head."""
+    from qbuild.models.source import init_random, load_model
+
+    init_random("llama", {**TINY_LLAMA, "num_hidden_layers": 1}, 0, "float32", tmp_path, task="embedding")
+    assert type(load_model(tmp_path, "embedding", "float32")).__name__ == "LlamaModel"
+    with pytest.raises(LoadError, match="lm_head.weight"):
+        load_model(tmp_path, "causal_lm", "float32")
+
+
+def test_per_tensor_external_data_is_gathered(tiny: dict, tmp_path: Path) -> None:
+    """The legacy exporter writes one file per tensor above 2 GiB; export folds them into one."""
+    import onnx
+
+    from qbuild.backends.onnxruntime import compile_onnx, open_session
+    from qbuild.exporters.causal_lm import _gather_external_data
+    from qbuild.verify.causal_lm import verify_causal_lm
+
+    proto = onnx.load(str(tiny["root"] / "export" / "model.onnx"))
+    onnx.save_model(
+        proto,
+        str(tmp_path / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=1024,
+    )
+    extra = {p.name for p in tmp_path.iterdir()} - {"model.onnx"}
+    assert len(extra) > 3
+    _gather_external_data(tmp_path / "model.onnx", extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    compile_onnx(tmp_path / "model.onnx", tmp_path / "ort", num_cores=1, graph_optimization="basic")
+    report = verify_causal_lm(
+        tiny["model"], open_session(tmp_path / "ort"), batch_size=2, seq_len=8, seed=0, atol=ATOL, vocab_size=VOCAB
+    )
+    assert report["max_abs_diff"] <= ATOL
