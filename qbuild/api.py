@@ -21,10 +21,11 @@ def _cache(cache_dir: PathLike | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
-def _composed(manifest: PathLike | ComposedManifest, overrides: Sequence[str]) -> ComposedManifest:
+def _composed(manifest: PathLike | ComposedManifest, overrides: Sequence[str], cache: Path, *,
+              write: bool) -> ComposedManifest:
     if isinstance(manifest, ComposedManifest):
         return manifest
-    return compose(manifest, list(overrides))
+    return compose(manifest, list(overrides), memo_dir=cache / "compose", memo_write=write)
 
 
 def plan(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
@@ -32,7 +33,7 @@ def plan(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *
     """Plan a build: per stage its key, state and reasons. Writes nothing."""
     store = Store(_cache(cache_dir), readonly=True)
     try:
-        return make_plan(_composed(manifest, overrides), store)
+        return make_plan(_composed(manifest, overrides, store.root, write=False), store)
     finally:
         store.close()
 
@@ -40,8 +41,9 @@ def plan(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *
 def build(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
           cache_dir: PathLike | None = None, reporter: Reporter | None = None) -> BuildResult:
     """Build what is missing from the cache and return the stages and artifacts."""
-    composed = _composed(manifest, overrides)  # a bad manifest fails before the cache is touched
-    store = Store(_cache(cache_dir))
+    cache = _cache(cache_dir)
+    composed = _composed(manifest, overrides, cache, write=True)  # bad input fails before any write
+    store = Store(cache)
     reporter = reporter or Reporter()
     try:
         the_plan = make_plan(composed, store)

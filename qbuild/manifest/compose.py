@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from qbuild.errors import ManifestError
+from qbuild.manifest import memo
 from qbuild.manifest.schema import Manifest
 from qbuild.manifest.validate import suggest, to_manifest
 
@@ -42,18 +43,31 @@ class ComposedManifest:
     name: str  # manifest.name, or the file's stem
 
 
-def compose(manifest_path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ComposedManifest:
+def compose(
+    manifest_path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    *,
+    memo_dir: Path | None = None,
+    memo_write: bool = True,
+) -> ComposedManifest:
     """Compose ``manifest_path`` with Hydra ``overrides`` and validate it.
 
+    With ``memo_dir``, a configuration composed before from identical inputs is reused without
+    starting Hydra (``qbuild.manifest.memo``); ``memo_write=False`` only reads the memo.
     Raises :class:`ManifestError` with one clear message for every bad input.
     """
     path = _resolve(manifest_path)
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
-    _parse_overrides(overrides)  # syntax errors name the override, before Hydra starts
-    data = None if path.suffix == ".yaml" else _read_data(path)
-    with _LOCK:
-        config = _compose_locked(path, data, overrides)
-    manifest = to_manifest(config)
+    key = memo.memo_key(path, overrides) if memo_dir is not None else None
+    config = memo.load(memo_dir, key) if memo_dir is not None and key is not None else None
+    if config is None:
+        _parse_overrides(overrides)  # syntax errors name the override, before Hydra starts
+        data = None if path.suffix == ".yaml" else _read_data(path)
+        with _LOCK:
+            config = _compose_locked(path, data, overrides)
+    manifest = to_manifest(config)  # validated before it is memoised: bad input is never remembered
+    if memo_dir is not None and key is not None and memo_write:
+        memo.save(memo_dir, key, config)
     return ComposedManifest(manifest=manifest, config=config, source=path, name=manifest.name or path.stem)
 
 

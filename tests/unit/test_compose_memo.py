@@ -1,0 +1,64 @@
+"""The compose memo: a repeated composition skips Hydra; any changed config file invalidates it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from qbuild.manifest import compose
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_memo_hit_skips_hydra(tmp_path: Path) -> None:
+    m = _write(tmp_path / "m" / "x.yaml", {"defaults": [{"model": "tiny-llama"}, "_self_"]})
+    memo = tmp_path / "memo"
+    first = compose(m, ["compile.num_cores=3"], memo_dir=memo)
+    assert len(list(memo.glob("*.json"))) == 1
+    code = ("import sys, json; from qbuild.manifest import compose\n"
+            f"c = compose({str(m)!r}, ['compile.num_cores=3'], memo_dir=__import__('pathlib').Path({str(memo)!r}))\n"
+            "print(json.dumps({'hydra': 'hydra' in sys.modules, 'config': c.config}))")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out == {"hydra": False, "config": first.config}
+
+
+def test_changed_group_file_or_override_misses(tmp_path: Path) -> None:
+    m = _write(tmp_path / "m" / "x.yaml", {"defaults": [{"compile": "mine"}, "_self_"],
+                                           "model": {"init": "random", "architecture": "llama"}})
+    group = _write(tmp_path / "m" / "compile" / "mine.yaml", {"num_cores": 4})
+    memo = tmp_path / "memo"
+    assert compose(m, memo_dir=memo).manifest.compile.num_cores == 4
+    _write(group, {"num_cores": 5})
+    assert compose(m, memo_dir=memo).manifest.compile.num_cores == 5
+    assert compose(m, ["compile.num_cores=6"], memo_dir=memo).manifest.compile.num_cores == 6
+
+
+def test_resolvers_are_not_memoised(tmp_path: Path, monkeypatch) -> None:
+    m = _write(tmp_path / "x.yaml", {"model": {"init": "random", "architecture": "llama",
+                                               "revision": "${oc.env:QB_REV}"}})
+    memo = tmp_path / "memo"
+    monkeypatch.setenv("QB_REV", "a")
+    assert compose(m, memo_dir=memo).manifest.model.revision == "a"
+    monkeypatch.setenv("QB_REV", "b")
+    assert compose(m, memo_dir=memo).manifest.model.revision == "b"
+    assert not memo.exists()
+
+
+def test_invalid_config_is_not_memoised(tmp_path: Path) -> None:
+    import pytest
+
+    from qbuild.errors import ManifestError
+
+    m = _write(tmp_path / "x.yaml", {"compile": {"num_cores": 0}})
+    with pytest.raises(ManifestError):
+        compose(m, memo_dir=tmp_path / "memo")
+    assert not (tmp_path / "memo").exists()
