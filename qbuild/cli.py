@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qbuild`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and args[0] in COMMANDS else "build"
-    ns = _parser().parse_args(args)
+    ns = _parser().parse_intermixed_args(args)
     try:
         if ns.cfg:
             return _print_cfg(ns)

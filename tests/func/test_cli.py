@@ -67,3 +67,12 @@ def test_public_api_is_pinned() -> None:
         "BuildResult", "CacheError", "CompileError", "ExportError", "ManifestError", "PlanError",
         "QBuildError", "StageError", "VerifyError", "__version__", "build", "plan",
     ]
+
+
+def test_options_may_stand_between_overrides(tmp_path: Path) -> None:
+    proc = run_qbuild("plan", "--json", str(TINY), "--cache-dir", str(tmp_path), "compile.num_cores=1",
+                      "verify.seq_len=8", check=True)
+    out = json_lines(proc.stdout)[-1]
+    assert out["stages"][3]["state"] == "build" and out["stages"][0]["reasons"] == ["no record"]
+    assert plan(TINY, ["compile.num_cores=1", "verify.seq_len=8"], cache_dir=tmp_path).stage(
+        "verify").key == out["stages"][4]["key"]
