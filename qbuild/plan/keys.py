@@ -7,10 +7,6 @@ import json
 from functools import cache
 from typing import Any
 
-#: Tools whose versions can shape a stage's output, by distribution name.
-KNOWN_TOOLS = ("qbuild", "torch", "transformers", "onnx", "onnxruntime")
-
-
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: the one serialisation keys are hashed over."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -39,17 +35,3 @@ def tool_version(name: str) -> str:
 def fingerprints(names: tuple[str, ...]) -> dict[str, str]:
     """Versions of the named tools."""
     return {n: tool_version(n) for n in names}
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts to dotted keys (lists stay values)."""
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qbuild.plan.keys import canonical_json, digest, flatten, tool_version
+from qbuild.plan.keys import canonical_json, digest, tool_version
 from qbuild.plan.planner import explain
 
 
@@ -10,11 +10,6 @@ def test_canonical_json_ignores_key_order() -> None:
     assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
     assert digest({"b": 1, "a": 2}) == digest({"a": 2, "b": 1})
     assert digest({"a": 1}) != digest({"a": 1.5})
-
-
-def test_flatten_dotted() -> None:
-    assert flatten({"compile": {"num_cores": 2, "x": {}}, "seq": {"lengths": [32]}}) == {
-        "compile.num_cores": 2, "compile.x": {}, "seq.lengths": [32]}
 
 
 def test_tool_version_reads_metadata() -> None:
