@@ -7,6 +7,7 @@ import json
 from functools import cache
 from typing import Any
 
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: the one serialisation keys are hashed over."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
