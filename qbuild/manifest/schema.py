@@ -30,6 +30,8 @@ class ModelSpec:
     config: dict[str, Any] = _f(factory=dict, help="config overrides (init: random) ")
     seed: int = _f(0, min=0)
     dtype: str = _f("float32", choices=["float32", "float16", "bfloat16"])
+    tokenizer: str | None = _f(None, help="tokenizer directory; default: the model directory; "
+                                          "train-bpe: train a byte-level BPE with vocab = model vocab")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class SeqSpec:
     lengths: list[int] = _f(factory=lambda: [32], min=1)
     ctx_len: int = _f(128, min=1)
     batch_size: int = _f(1, min=1)
+    overflow: str = _f("error", choices=["error", "truncate"], help="input longer than the largest bucket")
 
 
 @dataclass(frozen=True)
@@ -65,15 +68,36 @@ class ExportSpec:
 
 
 @dataclass(frozen=True)
+class QaicSpec:
+    """Cloud AI 100 compiler settings (used only by the qaic backend)."""
+
+    compiler: str | None = _f(None, help="path to qaic-compile / qaic-exec; default: the SDK's")
+    sdk_dir: str | None = _f(None, help="SDK root; default $QAIC_SDK_DIR or /opt/qti-aic")
+    aic_hw_version: str | None = _f(None, choices=[None, "ai100", "ai200"], help="default: detected")
+    specializations_format: str = _f("auto", choices=["auto", "named", "flat"])
+    convert_to_fp16: bool = _f(True)
+    mos: int | None = _f(None, min=1, help="max output splits (-mos)")
+    aic_enable_depth_first: bool = _f(False)
+    ols: int | None = _f(None, min=1, help="overlap split factor (-ols)")
+    node_precision_info: str | None = _f(None, help="YAML of nodes kept in fp32 (-node-precision-info)")
+    extra_flags: dict[str, Any] = _f(factory=dict, help="extra compiler flags, e.g. {aic-perf-metrics: true}")
+    timeout_s: int = _f(7200, min=1)
+
+
+@dataclass(frozen=True)
 class CompileSpec:
     """Backend and compiler flags."""
 
     backend: str = _f("onnxruntime", choices=["onnxruntime", "qaic", "auto"])
     num_cores: int = _f(2, min=1, max=64)
     graph_optimization: str = _f("extended", choices=["basic", "extended", "all"])
+    quantize: str = _f("none", choices=["none", "int8", "int4"], help="ONNX Runtime weight quantisation")
+    session: str = _f("auto", choices=["auto", "fixed", "dynamic"],
+                      help="ONNX Runtime: fixed-shape sessions per specialisation, one dynamic, or measure")
     mxfp6_matmul: bool = _f(False)
     mxint8_kv_cache: bool = _f(False)
     num_devices: int = _f(1, min=1)
+    qaic: QaicSpec = _f(factory=QaicSpec)
 
 
 @dataclass(frozen=True)
@@ -81,10 +105,14 @@ class VerifySpec:
     """Compiled artifact vs PyTorch on fixed inputs."""
 
     enabled: bool = _f(True)
-    atol: float = _f(1e-4, min=0.0)
+    atol: float | None = _f(None, min=0.0, help="default: 1e-4 on logits, 1e-5 on embeddings")
     batch_size: int = _f(2, min=1)
     seq_len: int = _f(16, min=1)
     seed: int = _f(0, min=0)
+    prompts: list[str] = _f(factory=lambda: ["My name is", "The quick brown fox jumps over the lazy dog and"],
+                            help="causal LMs with kv_cache: greedy tokens must equal HF generate")
+    max_new_tokens: int = _f(32, min=1)
+    texts: list[str] = _f(factory=list, help="embeddings: extra texts to compare (default: built-in set)")
 
 
 @dataclass(frozen=True)

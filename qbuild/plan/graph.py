@@ -7,15 +7,21 @@ from qbuild.stages.base import Stage
 
 
 def stages_for(m: Manifest) -> tuple[list[Stage], list[str]]:
-    """The stages to run, in order, and notes on choices made (e.g. the backend)."""
-    from qbuild.stages.compile import CompileStage, resolve_backend
+    """The stages to run, in order, and notes on choices made (the backend, a skipped verify)."""
+    from qbuild.backends import resolve_backend
+    from qbuild.stages.compile import CompileStage
     from qbuild.stages.export import ExportStage
     from qbuild.stages.load import LoadStage
     from qbuild.stages.transform import TransformStage
     from qbuild.stages.verify import VerifyStage
+    from qbuild.tasks import task_for
 
     backend, why = resolve_backend(m)
-    stages: list[Stage] = [LoadStage(), TransformStage(), ExportStage(), CompileStage(backend)]
-    if m.verify.enabled:
-        stages.append(VerifyStage())
-    return stages, [why]
+    task = task_for(m)
+    notes = [why]
+    stages: list[Stage] = [LoadStage(), TransformStage(), ExportStage(task), CompileStage(backend, task)]
+    if m.verify.enabled and backend.can_execute():
+        stages.append(VerifyStage(task))
+    elif m.verify.enabled:
+        notes.append(f"verify: skipped, the {backend.name} artifact cannot run on this machine")
+    return stages, notes

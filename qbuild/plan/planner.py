@@ -8,7 +8,7 @@ from typing import Any
 
 from qbuild.manifest import ComposedManifest
 from qbuild.plan.graph import stages_for
-from qbuild.plan.keys import digest, fingerprints
+from qbuild.plan.keys import digest
 from qbuild.stages.base import Source, Stage
 from qbuild.stages.load import resolve_source
 from qbuild.store import Entry, Store
@@ -53,7 +53,7 @@ def identity(stage: Stage, composed: ComposedManifest, source: Source, upstream:
         "params": stage.params(composed.manifest),
         "sources": stage.sources(source),
         "upstream": upstream,
-        "tools": fingerprints(stage.tools),
+        "tools": stage.fingerprint(composed.manifest),
     }
 
 

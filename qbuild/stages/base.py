@@ -67,6 +67,12 @@ class Stage:
         """Digests of external inputs (weights); empty for most stages."""
         return {}
 
+    def fingerprint(self, m: Manifest) -> dict[str, str]:
+        """Versions of the tools that shape the output."""
+        from qbuild.plan.keys import fingerprints
+
+        return fingerprints(self.tools)
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Write outputs into ``ctx.out``; return JSON meta, with ``artifacts`` as relative paths."""
         raise NotImplementedError

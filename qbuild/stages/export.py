@@ -1,4 +1,4 @@
-"""export: the transformed model to ONNX with torch.onnx."""
+"""export: the transformed model to ONNX with torch.onnx, as the task defines the graph."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from qbuild.manifest.schema import Manifest
 from qbuild.stages.base import Stage, StageContext
+from qbuild.tasks import Task
 
 
 class ExportStage(Stage):
@@ -14,14 +15,15 @@ class ExportStage(Stage):
     tools = ("qbuild", "torch", "transformers", "onnx")
     upstream = ("transform",)
 
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
     def params(self, m: Manifest) -> dict[str, Any]:
-        return {"model.task": m.model.task, "export.exporter": m.export.exporter, "export.opset": m.export.opset}
+        return {"task": f"{self.task.name}/{self.task.version}", "export.exporter": m.export.exporter,
+                "export.opset": m.export.opset, **self.task.export_params(m)}
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from qbuild.exporters.causal_lm import export_causal_lm
-
         model = ctx.model()
         ctx.progress(f"torch.onnx.export ({ctx.manifest.export.exporter})", None)
-        info = export_causal_lm(model, ctx.out, exporter=ctx.manifest.export.exporter,
-                                opset=ctx.manifest.export.opset)
+        info = self.task.export(model, ctx.out, ctx.manifest)
         return {**info, "artifacts": {"onnx": info["onnx"]}}

@@ -1,4 +1,4 @@
-"""verify: compiled artifact vs the PyTorch model on fixed inputs; a mismatch publishes nothing."""
+"""verify: compiled artifact vs the PyTorch model, as the task defines it; a mismatch publishes nothing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from qbuild.manifest.schema import Manifest
 from qbuild.stages.base import Stage, StageContext
+from qbuild.tasks import Task
 
 
 class VerifyStage(Stage):
@@ -15,20 +16,13 @@ class VerifyStage(Stage):
     tools = ("qbuild", "torch", "transformers", "onnxruntime")
     upstream = ("compile",)
 
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
     def params(self, m: Manifest) -> dict[str, Any]:
-        v = m.verify
-        return {"verify.atol": v.atol, "verify.batch_size": v.batch_size, "verify.seq_len": v.seq_len,
-                "verify.seed": v.seed}
+        return self.task.verify_params(m)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from qbuild.backends.onnxruntime import open_session
-        from qbuild.verify.causal_lm import verify_causal_lm
-
-        v = ctx.manifest.verify
-        model = ctx.model()
-        session = open_session(ctx.inputs["compile"].out)
-        ctx.progress("comparing ONNX Runtime logits with PyTorch", None)
-        report = verify_causal_lm(model, session, batch_size=v.batch_size, seq_len=v.seq_len, seed=v.seed,
-                                  atol=v.atol, vocab_size=model.config.vocab_size)
+        report = self.task.verify(ctx, ctx.inputs["compile"].out)
         (ctx.out / "verify.json").write_text(json.dumps(report, indent=1))
         return {**report, "artifacts": {"report": "verify.json"}}
