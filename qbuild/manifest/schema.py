@@ -45,8 +45,9 @@ class TransformsSpec:
 class PoolingSpec:
     """Pooling of encoder outputs (embedding models)."""
 
-    method: str = _f("none", help="mean, max, cls, avg, none, or module:function")
-    normalize: bool = _f(False)
+    method: str = _f("auto", help="auto (sentence-transformers metadata, else mean), mean, max, cls, avg, "
+                                  "none, or module:function")
+    normalize: bool | None = _f(None, help="L2-normalise; default: from sentence-transformers metadata")
 
 
 @dataclass(frozen=True)
