@@ -99,4 +99,10 @@ class CacheError(QBuildError):
     exit_code = 8
 
 
+class RunError(QBuildError):
+    """Running a built artifact failed: a prompt too long for the context, an unusable input."""
+
+    exit_code = 9
+
+
 EXIT_INTERRUPTED = 130

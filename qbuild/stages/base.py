@@ -18,6 +18,7 @@ class Source:
     kind: str  # "random" | "path" | "hub"
     directory: Path | None = None
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    tokenizer: Path | None = None  # a tokenizer directory named by model.tokenizer
 
 
 @dataclass
@@ -49,6 +50,14 @@ class StageContext:
             return self.inputs["load"].out / "model"
         assert self.source.directory is not None
         return self.source.directory
+
+    def tokenizer_dir(self) -> Path:
+        """model.tokenizer's directory; trained tokenizers live with the weights of the load entry."""
+        if self.source.tokenizer is not None:
+            return self.source.tokenizer
+        if self.manifest.model.tokenizer == "train-bpe":
+            return self.inputs["load"].out / "model"
+        return self.model_dir()
 
 
 class Stage:

@@ -37,8 +37,28 @@ def _hub_snapshot(name: str, revision: str) -> Path | None:
     return snap if (snap / "config.json").is_file() else None
 
 
+def _tokenizer_source(m: Manifest, stats: StatCache) -> tuple[Path | None, dict[str, str]]:
+    if m.model.tokenizer == "train-bpe" and m.model.init != "random":
+        raise PlanError("model.tokenizer: train-bpe is for model.init: random only",
+                        hint="a checkpoint brings its own tokenizer; drop model.tokenizer")
+    if m.model.tokenizer in (None, "train-bpe"):
+        return None, {}
+    directory = Path(m.model.tokenizer).expanduser()
+    if not directory.is_dir():
+        raise PlanError(f"model.tokenizer: {directory} is not a directory",
+                        hint="point it at a directory written by tokenizer.save_pretrained(), or use train-bpe")
+    files = {"tokenizer/" + f.relative_to(directory).as_posix(): stats.digest(f) for f in _model_files(directory)}
+    return directory.resolve(), files
+
+
 def resolve_source(m: Manifest, stats: StatCache) -> Source:
-    """Find the model files and digest them (through the stat cache); no torch."""
+    """Find the model (and tokenizer) files and digest them (through the stat cache); no torch."""
+    tok_dir, tok_files = _tokenizer_source(m, stats)
+    source = _weights_source(m, stats)
+    return Source(source.kind, source.directory, {**source.files, **tok_files}, tok_dir)
+
+
+def _weights_source(m: Manifest, stats: StatCache) -> Source:
     spec = m.model
     if spec.init == "random":
         return Source("random")
@@ -74,6 +94,8 @@ class LoadStage(Stage):
     def params(self, m: Manifest) -> dict[str, Any]:
         spec = m.model
         p: dict[str, Any] = {"model.task": spec.task, "model.dtype": spec.dtype}
+        if spec.tokenizer == "train-bpe":
+            p["model.tokenizer"] = "train-bpe"
         if spec.init == "random":
             p |= {"model.init": "random", "model.architecture": spec.architecture,
                   "model.config": dict(spec.config), "model.seed": spec.seed}
@@ -92,10 +114,15 @@ class LoadStage(Stage):
             assert m.architecture is not None
             ctx.progress("initialising random weights", None)
             info = init_random(m.architecture, dict(m.config), m.seed, m.dtype, ctx.out / "model", task=m.task)
+            if m.tokenizer == "train-bpe":
+                info["tokenizer"] = _train_tokenizer(ctx)
             return {"source": "random", **info, "artifacts": {"model": "model"}}
         assert src.directory is not None
         now = {f.relative_to(src.directory).as_posix(): ctx.store.stats.digest(f)
                for f in _model_files(src.directory)}
+        if src.tokenizer is not None:
+            now |= {"tokenizer/" + f.relative_to(src.tokenizer).as_posix(): ctx.store.stats.digest(f)
+                    for f in _model_files(src.tokenizer)}
         if now != src.files:
             changed = sorted(k for k in set(now) | set(src.files) if now.get(k) != src.files.get(k))
             raise LoadError(f"model files changed while building: {', '.join(changed)}",
@@ -103,3 +130,12 @@ class LoadStage(Stage):
         (ctx.out / "source.json").write_text(json.dumps({"kind": src.kind, "directory": str(src.directory),
                                                          "files": src.files}, indent=1))
         return {"source": src.kind, "directory": str(src.directory)}
+
+
+def _train_tokenizer(ctx: StageContext) -> dict[str, int]:
+    from qbuild.models.tokenizer import train_bpe
+
+    model_dir = ctx.out / "model"
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    ctx.progress("training a byte-level BPE tokenizer", None)
+    return train_bpe(vocab, model_dir)

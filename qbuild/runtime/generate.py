@@ -1,0 +1,131 @@
+"""Greedy generation on a compiled retained-state KV-cache causal LM with ONNX Runtime.
+
+Prefill runs in chunks of the smallest bucket that holds the longest prompt (the largest bucket,
+several times, for longer prompts); decode runs one token per step. The caches stay in ONNX Runtime
+``OrtValue``s bound with IOBinding: each step reads one set and writes the other (double buffering),
+so no cache is copied through numpy between steps. Rows of a batch keep their own positions; padding
+positions are -1 and write nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qbuild.errors import RunError
+
+
+@dataclass
+class Generation:
+    """Generated token ids per prompt (EOS included when reached) and timings."""
+
+    tokens: list[list[int]]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    chunks: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class KVRuntime:
+    """A compiled KV-cache causal LM, ready to generate."""
+
+    def __init__(self, compiled: Path, *, ctx_len: int, buckets: Sequence[int], num_threads: int | None = None,
+                 session: Any = None) -> None:
+        from qbuild.backends.onnxruntime import open_session
+
+        self.session = session or open_session(compiled, num_threads)
+        self.ctx_len, self.buckets = ctx_len, sorted(buckets)
+        names = [i.name for i in self.session.get_inputs()]
+        self.kv_inputs = [n for n in names if n.startswith(("past_key.", "past_value."))]
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        _, self.kv_heads, _, self.head_dim = shapes[self.kv_inputs[0]]
+        if not all(isinstance(d, int) for d in (self.kv_heads, self.head_dim)):
+            shape = shapes[self.kv_inputs[0]]
+            raise RunError(f"{compiled}: KV cache inputs need static heads and head_dim, got {shape}")
+
+    def _chunk_len(self, longest: int) -> int:
+        return next((n for n in self.buckets if n >= longest), self.buckets[-1])
+
+    def _alloc(self, batch: int) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        shape = (batch, self.kv_heads, self.ctx_len, self.head_dim)
+        self._arrays = [[np.zeros(shape, np.float32) for _ in self.kv_inputs] for _ in range(2)]
+        self._kv = [[ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] for arrays in self._arrays]
+        self._io = self.session.io_binding()
+
+    def _step(self, ids: Any, pos: Any) -> Any:
+        """One forward: logits [batch, 1, vocab]; the written caches become the next step's inputs."""
+        io, (kv_in, kv_out) = self._io, self._kv
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_output("logits")
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("position_ids", pos)
+        for name, cur, nxt in zip(self.kv_inputs, kv_in, kv_out, strict=True):
+            io.bind_ortvalue_input(name, cur)
+            io.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+        self.session.run_with_iobinding(io)
+        self._kv.reverse()
+        return io.get_outputs()[0].numpy()
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, int]:
+        """Run the prompts through the model; the logits at each prompt's last token and the chunk count."""
+        import numpy as np
+
+        lens = [len(p) for p in prompts]
+        chunk = self._chunk_len(max(lens))
+        n_chunks = math.ceil(max(lens) / chunk)
+        last = None
+        for k in range(n_chunks):
+            ids = np.zeros((len(prompts), chunk), np.int64)
+            pos = np.full((len(prompts), chunk), -1, np.int64)
+            for b, p in enumerate(prompts):
+                seg = p[k * chunk:(k + 1) * chunk]
+                ids[b, :len(seg)] = seg
+                pos[b, :len(seg)] = np.arange(k * chunk, k * chunk + len(seg))
+            logits = self._step(ids, pos)[:, 0]
+            last = logits.copy() if last is None else last
+            ends_here = [k * chunk < n <= (k + 1) * chunk for n in lens]
+            last[ends_here] = logits[ends_here]
+        return last, n_chunks
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
+                 on_token: Callable[[int, int], None] | None = None) -> Generation:
+        """Greedy tokens for each prompt; ``on_token(row, token)`` streams them as they come."""
+        import numpy as np
+
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RunError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.ctx_len:
+            raise RunError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds seq.ctx_len="
+                           f"{self.ctx_len}", hint="raise seq.ctx_len or lower --max-new-tokens")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        self._alloc(len(prompts))
+        t0 = time.perf_counter()
+        logits, chunks = self.prefill(prompts)
+        t1 = time.perf_counter()
+        pos = np.array([len(p) for p in prompts], np.int64)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), bool)
+        steps = 0
+        while True:
+            nxt = logits.argmax(-1)
+            for b in np.flatnonzero(~done):
+                out[b].append(int(nxt[b]))
+                if on_token:
+                    on_token(int(b), int(nxt[b]))
+                done[b] = int(nxt[b]) in eos or len(out[b]) >= max_new_tokens
+            if done.all():
+                break
+            logits = self._step(nxt[:, None].astype(np.int64), np.where(done, -1, pos)[:, None])[:, 0]
+            pos += 1
+            steps += 1
+        return Generation(out, t1 - t0, time.perf_counter() - t1, steps, chunks)
