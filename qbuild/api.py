@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qbuild.execute.executor import BuildResult, execute
 from qbuild.execute.reporter import Reporter
@@ -12,7 +15,7 @@ from qbuild.manifest import ComposedManifest, compose
 from qbuild.plan.planner import Plan, make_plan
 from qbuild.store import Store, default_cache_dir
 
-__all__ = ["BuildResult", "build", "plan"]
+__all__ = ["BuildResult", "RunResult", "build", "plan", "run"]
 
 PathLike = str | os.PathLike
 
@@ -54,3 +57,62 @@ def build(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), 
     finally:
         store.close()
         reporter.close()
+
+
+@dataclass
+class RunResult:
+    """Generated tokens and text per prompt, with timings."""
+
+    prompts: list[str]
+    tokens: list[list[int]]
+    texts: list[str]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"results": [{"prompt": p, "tokens": t, "text": x}
+                            for p, t, x in zip(self.prompts, self.tokens, self.texts, strict=True)],
+                "stats": self.stats}
+
+
+def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *, prompts: Sequence[str],
+        max_new_tokens: int = 32, cache_dir: PathLike | None = None, reporter: Reporter | None = None,
+        on_text: Callable[[int, str], None] | None = None) -> RunResult:
+    """Build what is missing, then generate greedily for each prompt (``on_text`` streams row text)."""
+    from qbuild.errors import RunError
+    from qbuild.tasks import task_name
+
+    cache = _cache(cache_dir)
+    composed = _composed(manifest, overrides, cache, write=True)
+    if task_name(composed.manifest) != "causal_lm_kv":
+        raise RunError(f"qbuild run generates with a KV-cache causal LM; {composed.source.name} builds task "
+                       f"{task_name(composed.manifest)}", hint="add transforms=kv_cache (or use qbuild embed)")
+    result = build(composed, cache_dir=cache, reporter=reporter)
+    return _generate(composed, result, list(prompts), max_new_tokens, on_text)
+
+
+def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str], max_new_tokens: int,
+              on_text: Callable[[int, str], None] | None) -> RunResult:
+    from qbuild.models.tokenizer import load_tokenizer
+    from qbuild.runtime.generate import KVRuntime
+
+    m = composed.manifest
+    assert result.tokenizer_dir is not None and result.model_dir is not None
+    tok = load_tokenizer(Path(result.tokenizer_dir))
+    ids = [tok(p)["input_ids"] for p in prompts]
+    rt = KVRuntime(Path(result.artifacts["compiled"]), ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
+    streamed: list[list[int]] = [[] for _ in prompts]
+
+    def on_token(row: int, token: int) -> None:
+        if on_text:
+            before = tok.decode(streamed[row], skip_special_tokens=True)
+            streamed[row].append(token)
+            on_text(row, tok.decode(streamed[row], skip_special_tokens=True)[len(before):])
+
+    eos = json.loads((Path(result.model_dir) / "config.json").read_text()).get("eos_token_id")
+    g = rt.generate(ids, max_new_tokens, eos, on_token)
+    texts = [tok.decode(t, skip_special_tokens=True) for t in g.tokens]
+    new = sum(len(t) for t in g.tokens)
+    stats = {"prefill_s": round(g.prefill_s, 4), "decode_s": round(g.decode_s, 4), "new_tokens": new,
+             "prefill_chunks": g.chunks,
+             "decode_tok_s": round(g.decode_steps * len(prompts) / g.decode_s, 2) if g.decode_s else 0.0}
+    return RunResult(prompts, g.tokens, texts, stats)

@@ -12,10 +12,11 @@ from typing import Any
 
 from qbuild.errors import EXIT_INTERRUPTED, QBuildError
 
-COMMANDS = ("build", "plan")
+COMMANDS = ("build", "plan", "run")
 
 USAGE = """qbuild [build] MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
-       qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]"""
+       qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]
+       qbuild run MANIFEST [KEY=VALUE ...] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--json]"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
     p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
                    help="print the resolved configuration and exit")
+    p.add_argument("--prompt", action="append", default=[], help="run: a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="run: tokens to generate per prompt")
     return p
 
 
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.cfg:
             return _print_cfg(ns)
-        return _plan(ns) if command == "plan" else _build(ns)
+        return {"plan": _plan, "run": _run}.get(command, _build)(ns)
     except QBuildError as exc:
         return _fail(exc, ns.json)
     except KeyboardInterrupt:
@@ -89,4 +92,30 @@ def _build(ns: argparse.Namespace) -> int:
     result = build(ns.manifest, ns.overrides, cache_dir=ns.cache_dir, reporter=reporter)
     if ns.json:
         print(json.dumps(result.summary()))
+    return 0
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from qbuild.api import run
+    from qbuild.errors import RunError
+    from qbuild.execute.reporter import ConsoleReporter, JsonReporter
+
+    if not ns.prompt:
+        raise RunError("qbuild run needs at least one --prompt TEXT")
+    if ns.max_new_tokens < 1:
+        raise RunError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
+    reporter: Any = JsonReporter(sys.stderr) if ns.json else ConsoleReporter(sys.stderr)
+    stream = len(ns.prompt) == 1 and not ns.json
+    if stream:
+        print(ns.prompt[0], end="", flush=True)
+    result = run(ns.manifest, ns.overrides, prompts=ns.prompt, max_new_tokens=ns.max_new_tokens,
+                 cache_dir=ns.cache_dir, reporter=reporter,
+                 on_text=(lambda _row, text: print(text, end="", flush=True)) if stream else None)
+    if ns.json:
+        print(json.dumps(result.to_json()))
+    elif stream:
+        print()
+    else:
+        for prompt, text in zip(result.prompts, result.texts, strict=True):
+            print(f"{prompt}{text}")
     return 0

@@ -27,6 +27,8 @@ class BuildResult:
     stages: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    model_dir: str | None = None  # the weights (and, unless model.tokenizer says otherwise, the tokenizer)
+    tokenizer_dir: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "stages": self.stages, "artifacts": self.artifacts,
@@ -59,6 +61,9 @@ def execute(plan: Plan, store: Store, reporter: Reporter) -> BuildResult:
         if not store.readonly and history["stages"].get(sp.name, {}).get("key") != sp.key:
             history["stages"][sp.name] = {"key": sp.key, "identity": sp.identity}
             store.write_history(plan.manifest_id, history)
+    model_dir = plan.source.directory or entries["load"].out / "model"
+    result.model_dir = str(model_dir)
+    result.tokenizer_dir = str(plan.source.tokenizer or model_dir)
     result.seconds = time.monotonic() - t_build
     reporter.emit({"event": "summary", **result.summary()})
     return result
