@@ -1,36 +1,191 @@
-"""The Cloud AI 100 backend (qaic-compile / qaic-exec). Placeholder until issue 5: discovery only."""
+"""The Cloud AI 100 backend: the exported ONNX -> a QPC with qaic-compile (or qaic-exec on older SDKs).
+
+Discovery is in ``qaic_sdk``, the command line and side files in ``qaic_command`` (the only place that
+knows qaic flags), running the compiler in ``qaic_run``. The artifact directory holds ``qpc/`` (the
+compiler's ``-aic-binary-dir``), the side files, ``compile.log`` and the exact command
+(``command.txt``, ``command.json``).
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import shlex
+import shutil
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from qbuild.backends import Backend
+from qbuild.backends import Backend, qaic_command, qaic_sdk
+from qbuild.backends.qaic_command import QaicOptions
+from qbuild.backends.qaic_sdk import Sdk, sdk_dir
+from qbuild.errors import CompileError, PlanError
 from qbuild.manifest.schema import Manifest
 
+if TYPE_CHECKING:
+    from qbuild.stages.base import StageContext
+    from qbuild.tasks import Task
 
-def sdk_dir(m: Manifest) -> Path:
-    return Path(m.compile.qaic.sdk_dir or os.environ.get("QAIC_SDK_DIR") or "/opt/qti-aic")
+__all__ = ["QaicBackend", "sdk_dir"]
+#: tasks whose graph carries a retained-state KV cache (``-retained-state`` and custom_io.yaml)
+RETAINED_STATE_TASKS = ("causal_lm_kv",)
+PLACEHOLDERS = {"<onnx>": "the export stage's ONNX file", "<out>": "the compile artifact directory"}
+
+
+def retained_state(task: Task) -> bool:
+    return bool(getattr(task, "retained_state", task.name in RETAINED_STATE_TASKS))
+
+
+def onnx_io(path: Path) -> tuple[list[str], bool]:
+    """The graph's input and output names, and whether it holds ONNX functions (weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
+    return names, len(model.functions) > 0
+
+
+def _describe(sdk: Sdk) -> str:
+    versions = ", ".join(f"{k} SDK {v}" for k, v in (("Apps", sdk.apps_version), ("Platform", sdk.platform_version))
+                         if v)
+    return f"{sdk.kind} at {sdk.compiler}" + (f" ({versions})" if versions else " (no SDK version files)")
 
 
 class QaicBackend(Backend):
     name = "qaic"
     tools = ("qbuild", "onnx")
 
+    # --- discovery -----------------------------------------------------------------------------
+
     def compiler(self, m: Manifest) -> Path | None:
         """The compiler: ``compile.qaic.compiler`` or the SDK's qaic-compile / qaic-exec."""
-        if m.compile.qaic.compiler:
-            p = Path(m.compile.qaic.compiler)
-            return p if p.is_file() and os.access(p, os.X_OK) else None
-        for name in ("qaic-compile", "qaic-exec"):
-            p = sdk_dir(m) / "exec" / name
-            if p.is_file() and os.access(p, os.X_OK):
-                return p
-        return None
+        return qaic_sdk.find_compiler(m)
 
     def available(self, m: Manifest) -> tuple[bool, str]:
-        found = self.compiler(m)
-        if found is not None:
-            return True, f"compiler {found}"
-        looked = m.compile.qaic.compiler or f"{sdk_dir(m)}/exec/qaic-compile and qaic-exec"
-        return False, f"no Cloud AI 100 compiler found (looked for {looked})"
+        """(found, why) for ``resolve_backend``."""
+        sdk = qaic_sdk.discover(m)
+        if sdk is not None:
+            return True, f"Cloud AI 100 compiler found: {_describe(sdk)}"
+        return False, f"no Cloud AI 100 compiler found; {qaic_sdk.looked_for(m)}"
+
+    def sdk(self, m: Manifest) -> Sdk:
+        sdk = qaic_sdk.discover(m)
+        if sdk is None:
+            raise PlanError(f"compile.backend: qaic needs the Cloud AI 100 SDK; no Cloud AI 100 compiler found; "
+                            f"{qaic_sdk.looked_for(m)}",
+                            hint="install the SDK or set compile.qaic.compiler / QAIC_SDK_DIR; "
+                                 "to build for CPU use compile=onnxruntime")
+        return sdk
+
+    def options(self, m: Manifest, task: Task) -> QaicOptions:
+        """The resolved compiler options for this manifest on this machine."""
+        sdk = self.sdk(m)
+        hw, _why = qaic_sdk.hw_version(m, sdk)
+        return qaic_command.options(m, sdk=sdk, hw_version=hw, spec_format=qaic_sdk.specializations_format(m, sdk),
+                                    retained_state=retained_state(task))
+
+    # --- the Backend contract --------------------------------------------------------------------
+
+    def params(self, m: Manifest, task: Task) -> dict[str, Any]:
+        return qaic_command.key_params(m, self.options(m, task))
+
+    def fingerprint(self, m: Manifest) -> dict[str, str]:
+        return qaic_sdk.fingerprint(self.sdk(m))
+
+    def can_execute(self) -> bool:
+        from qbuild.runtime.qaic import qaicrt_available
+
+        return qaicrt_available()
+
+    def plan_command(self, m: Manifest, task: Task, onnx_path: Path | None = None) -> list[str]:
+        """The command that would run; with an existing ``onnx_path`` its functions and KV names are read."""
+        o = self.options(m, task)
+        if onnx_path is None or not Path(onnx_path).is_file():
+            return qaic_command.argv(o)
+        names, functions = onnx_io(Path(onnx_path))
+        files = qaic_command.side_files(o, task.specializations(m), names)
+        return qaic_command.argv(o, onnx=str(onnx_path), sub_functions=functions,
+                                 custom_io=qaic_command.CUSTOM_IO_FILE in files)
+
+    def explain(self, m: Manifest, task: Task) -> list[str]:
+        sdk, o = self.sdk(m), self.options(m, task)
+        _hw, hw_why = qaic_sdk.hw_version(m, sdk)
+        specs = "; ".join(f"{s['name']} {json.dumps(s['symbols'])}" for s in task.specializations(m))
+        lines = [f"qaic: {_describe(sdk)}; -aic-hw-version={o.hw_version} ({hw_why})",
+                 "  " + shlex.join(qaic_command.argv(o)),
+                 "  " + "; ".join(f"{k}: {v}" for k, v in PLACEHOLDERS.items()),
+                 f"  specializations.json ({o.spec_format}): {specs}"]
+        if o.kv_precision:
+            lines.append(f"  custom_io.yaml: retained-state KV at {o.kv_precision}")
+        lines.append("  -sub-functions is added when the exported ONNX holds functions")
+        return lines
+
+    def compile(self, ctx: StageContext, onnx: Path, task: Task) -> dict[str, Any]:
+        m = ctx.manifest
+        sdk, o = self.sdk(m), self.options(m, task)
+        ctx.progress("reading the ONNX graph's inputs and outputs", None)
+        names, functions = onnx_io(onnx)
+        files = write_side_files(ctx.out, o, task.specializations(m), names)
+        has_io = qaic_command.CUSTOM_IO_FILE in files
+        template = qaic_command.argv(o, sub_functions=functions, custom_io=has_io)
+        cmd = qaic_command.argv(o, onnx=str(onnx), out=str(ctx.out), sub_functions=functions, custom_io=has_io)
+        (ctx.out / "command.txt").write_text(
+            f"# <onnx> = {onnx}\n# <out> = this directory\n{shlex.join(template)}\n", encoding="utf-8")
+        ctx.progress(f"{sdk.kind}: compiling for {o.hw_version} ({len(task.specializations(m))} specialisations)",
+                     None)
+        try:
+            seconds = _run(ctx, cmd)
+        except CompileError as exc:
+            _keep_log(ctx, exc)
+            raise
+        _check_qpc(ctx.out, cmd)
+        record = {"argv": template, "placeholders": {"<onnx>": str(onnx), "<out>": "."}, "ran": cmd,
+                  "seconds": round(seconds, 3), "sdk": _sdk_record(sdk), "sub_functions": functions}
+        (ctx.out / "command.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        return {"backend": "qaic", "sdk": _sdk_record(sdk), "aic_hw_version": o.hw_version,
+                "specializations_format": o.spec_format, "command": template, "qpc": qaic_command.QPC_DIR,
+                "compile_seconds": round(seconds, 3), "files": sorted([*files, "command.txt", "command.json"])}
+
+
+def write_side_files(out: Path, o: QaicOptions, specs: list[dict[str, Any]], io_names: list[str]) -> dict[str, str]:
+    """Write specializations.json, custom_io.yaml, the MDP JSON and the node-precision copy into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = qaic_command.side_files(o, specs, io_names)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    if o.node_precision_info:
+        shutil.copyfile(o.node_precision_info, out / qaic_command.NODE_PRECISION_FILE)
+        files = {**files, qaic_command.NODE_PRECISION_FILE: ""}
+    return files
+
+
+def _run(ctx: StageContext, cmd: list[str]) -> float:
+    from qbuild.backends.qaic_run import run_compiler
+
+    return run_compiler(cmd, log_path=ctx.out / "compile.log", timeout_s=ctx.manifest.compile.qaic.timeout_s,
+                        progress=ctx.progress)
+
+
+def _check_qpc(out: Path, cmd: list[str]) -> None:
+    qpc = out / qaic_command.QPC_DIR / qaic_command.QPC_BINARY
+    if not qpc.is_file():
+        raise CompileError(f"the qaic compiler exited 0 but wrote no {qaic_command.QPC_DIR}/{qaic_command.QPC_BINARY}",
+                           command=cmd, returncode=0)
+
+
+def _keep_log(ctx: StageContext, exc: CompileError) -> None:
+    """Copy the failed compile's log out of the staging directory (which is removed) and name it."""
+    log = ctx.out / "compile.log"
+    if not log.is_file():
+        return
+    dest = ctx.store.root / "logs" / f"compile-{ctx.out.parent.name.split('.')[0][:16]}-{int(time.time())}.log"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, dest)
+    except OSError:
+        return
+    exc.hint = f"full compiler log: {dest}" + (f"; {exc.hint}" if exc.hint else "")
+
+
+def _sdk_record(sdk: Sdk) -> dict[str, Any]:
+    return {"compiler": sdk.compiler, "kind": sdk.kind, "apps_version": sdk.apps_version,
+            "platform_version": sdk.platform_version}

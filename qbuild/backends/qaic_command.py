@@ -1,0 +1,220 @@
+"""The one module that knows qaic compiler flags: the command line and its side files, as pure functions.
+
+Facts: ../shared/reference/qefficient.md section 2. The order follows QEfficient's ``_compile``: the base
+(``-aic-hw``, ``-aic-hw-version``, ``-m``), the compile options (``-retained-state``, ``-convert-to-fp16``,
+``-mxfp6-matmul``, ``-aic-num-cores``), the user options (``-mos``, ``-aic-enable-depth-first``, ``-ols``,
+``-node-precision-info``, then ``compile.qaic.extra_flags`` sorted by name), ``-sub-functions``, and last
+the side files (``-mdp-load-partition-config``, ``-network-specialization-config``,
+``-custom-IO-list-file``) and ``-aic-binary-dir``. Paths are built from two placeholders, ``onnx`` and
+``out``, so the same function gives the command that runs and the path-free one for keys and plans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qbuild.backends.qaic_sdk import Sdk
+from qbuild.errors import ManifestError
+from qbuild.manifest.schema import Manifest
+
+SPECIALIZATIONS_FILE = "specializations.json"
+CUSTOM_IO_FILE = "custom_io.yaml"
+NODE_PRECISION_FILE = "node_precision_info.yaml"
+QPC_DIR = "qpc"
+QPC_BINARY = "programqpc.bin"
+#: the model dtype -> the precision of the retained-state KV cache in custom_io.yaml (CUSTOM_IO_DTYPE_MAP)
+KV_PRECISION = {"float32": "float16", "float16": "float16", "bfloat16": "bfloat16"}
+#: flags the backend sets itself -> the manifest key that controls each (never through extra_flags)
+MANAGED_FLAGS = {
+    "aic-hw": "compile.backend", "aic-hw-version": "compile.qaic.aic_hw_version", "m": "the export stage",
+    "retained-state": "the task (transforms: [kv_cache])", "convert-to-fp16": "compile.qaic.convert_to_fp16",
+    "mxfp6-matmul": "compile.mxfp6_matmul", "aic-num-cores": "compile.num_cores", "mos": "compile.qaic.mos",
+    "aic-enable-depth-first": "compile.qaic.aic_enable_depth_first", "ols": "compile.qaic.ols",
+    "node-precision-info": "compile.qaic.node_precision_info", "sub-functions": "the export (ONNX functions)",
+    "network-specialization-config": "seq.lengths / seq.ctx_len / seq.batch_size",
+    "custom-IO-list-file": "compile.mxint8_kv_cache / model.dtype",
+    "mdp-load-partition-config": "compile.num_devices", "aic-binary-dir": "the cache",
+    "compile-only": "the compiler kind (qaic-exec)",
+}
+_FLAG = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_KV_INPUT = re.compile(r"^past_(key|value)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class QaicOptions:
+    """Everything the command and the side files depend on, resolved from the manifest and the SDK."""
+
+    compiler: str
+    kind: str  # "qaic-compile" | "qaic-exec"
+    hw_version: str  # "ai100" | "ai200"
+    retained_state: bool
+    convert_to_fp16: bool
+    mxfp6_matmul: bool
+    num_cores: int
+    num_devices: int
+    mos: int | None
+    depth_first: bool
+    ols: int | None
+    node_precision_info: str | None  # the manifest's path (copied into the artifact)
+    extra_flags: tuple[tuple[str, Any], ...]  # sorted by flag name
+    spec_format: str  # "named" | "flat"
+    kv_precision: str | None  # custom_io.yaml precision; None: no custom_io.yaml
+
+
+def extra_flags(m: Manifest) -> tuple[tuple[str, Any], ...]:
+    """``compile.qaic.extra_flags`` checked: names without dashes, scalar values, no flag the backend owns."""
+    out = []
+    for raw, value in m.compile.qaic.extra_flags.items():
+        name, key = str(raw).lstrip("-"), f"compile.qaic.extra_flags.{raw}"
+        if not _FLAG.match(name):
+            raise ManifestError(f"{key}: {raw!r} is not a compiler flag name", key=key,
+                                hint="write the flag without its value, e.g. aic-perf-metrics: true")
+        if name in MANAGED_FLAGS:
+            raise ManifestError(f"{key}: -{name} is set by qbuild; use {MANAGED_FLAGS[name]} instead", key=key)
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ManifestError(f"{key}: expected true, false, a number or a string, got {value!r}", key=key)
+        out.append((name, value))
+    return tuple(sorted(out))
+
+
+def options(m: Manifest, *, sdk: Sdk, hw_version: str, spec_format: str, retained_state: bool) -> QaicOptions:
+    """Resolve the manifest into :class:`QaicOptions` (pure; the SDK facts are passed in)."""
+    c, q, dtype = m.compile, m.compile.qaic, m.model.dtype
+    kv = None
+    if retained_state:
+        kv = "mxint8" if c.mxint8_kv_cache else KV_PRECISION[dtype]
+        if kv == "bfloat16" and dtype == "bfloat16":
+            kv = None  # model and KV both bf16: QEfficient passes no custom-IO file
+    return QaicOptions(
+        compiler=sdk.compiler, kind=sdk.kind, hw_version=hw_version, retained_state=retained_state,
+        convert_to_fp16=q.convert_to_fp16 and KV_PRECISION[dtype] == "float16", mxfp6_matmul=c.mxfp6_matmul,
+        num_cores=c.num_cores, num_devices=c.num_devices, mos=q.mos, depth_first=q.aic_enable_depth_first,
+        ols=q.ols, node_precision_info=q.node_precision_info, extra_flags=extra_flags(m),
+        spec_format=spec_format, kv_precision=kv)
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    if value is None or value is False:
+        return []
+    return [f"-{name}"] if value is True else [f"-{name}={value}"]
+
+
+def argv(o: QaicOptions, *, onnx: str = "<onnx>", out: str = "<out>", sub_functions: bool = False,
+         custom_io: bool | None = None) -> list[str]:
+    """The compiler command. ``custom_io``: whether custom_io.yaml is passed (default: when KV is retained)."""
+    cmd = [o.compiler, "-aic-hw", *(["-compile-only"] if o.kind == "qaic-exec" else []),
+           f"-aic-hw-version={o.hw_version}", f"-m={onnx}"]
+    cmd += _flag("retained-state", o.retained_state) + _flag("convert-to-fp16", o.convert_to_fp16)
+    cmd += _flag("mxfp6-matmul", o.mxfp6_matmul) + [f"-aic-num-cores={o.num_cores}"]
+    cmd += _flag("mos", o.mos) + _flag("aic-enable-depth-first", o.depth_first) + _flag("ols", o.ols)
+    if o.node_precision_info:
+        cmd.append(f"-node-precision-info={out}/{NODE_PRECISION_FILE}")
+    for name, value in o.extra_flags:
+        cmd += _flag(name, value)
+    cmd += _flag("sub-functions", sub_functions)
+    if o.num_devices > 1:
+        cmd.append(f"-mdp-load-partition-config={out}/{mdp_file(o.num_devices)}")
+    cmd.append(f"-network-specialization-config={out}/{SPECIALIZATIONS_FILE}")
+    if custom_io is None:
+        custom_io = o.kv_precision is not None
+    if custom_io:
+        cmd.append(f"-custom-IO-list-file={out}/{CUSTOM_IO_FILE}")
+    cmd.append(f"-aic-binary-dir={out}/{QPC_DIR}")
+    return cmd
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=4) + "\n"
+
+
+def specializations_json(specs: list[dict[str, Any]], fmt: str) -> str:
+    """``{"specializations": [...]}``: named (``{"name", "symbols"}``) or flat; every value a string."""
+    if fmt == "named":
+        items: list[Any] = [{"name": s["name"], "symbols": {k: str(v) for k, v in s["symbols"].items()}}
+                            for s in specs]
+    else:
+        items = [{k: str(v) for k, v in s["symbols"].items()} for s in specs]
+    return _json({"specializations": items})
+
+
+def kv_custom_io(io_names: list[str], precision: str) -> list[tuple[str, str]]:
+    """Retained-state KV entries among the graph's I/O names, per layer: past_key.i, its retained output,
+    past_value.i, its retained output (``_RetainedState``, or ``_InternalRetainedState`` with subfunctions)."""
+    names = set(io_names)
+    found = [(int(mt.group(2)), mt.group(1)) for mt in map(_KV_INPUT.match, io_names) if mt]
+    entries = []
+    for layer, kind in sorted(found, key=lambda t: (t[0], t[1] != "key")):
+        name = f"past_{kind}.{layer}"
+        entries.append((name, precision))
+        for suffix in ("_RetainedState", "_InternalRetainedState"):
+            if name + suffix in names:
+                entries.append((name + suffix, precision))
+                break
+    return entries
+
+
+def custom_io_yaml(entries: list[tuple[str, str]]) -> str:
+    """custom_io.yaml exactly as QEfficient writes it: ``" - IOName: n\\n   Precision: p\\n\\n"`` per entry."""
+    return "".join(f" - IOName: {name}\n   Precision: {precision}\n\n" for name, precision in entries)
+
+
+def mdp_file(num_devices: int) -> str:
+    return f"mdp_ts_{num_devices}.json"
+
+
+def mdp_json(num_devices: int, num_cores: int) -> str:
+    """The tensor-slicing partition config: one partition over devices 0..N-1, p2p connected."""
+    devices = list(range(num_devices))
+    return _json({"connections": [{"devices": devices, "type": "p2p"}],
+                  "partitions": [{"name": "Partition0",
+                                  "devices": [{"deviceId": d, "numCores": num_cores} for d in devices]}]})
+
+
+def side_files(o: QaicOptions, specs: list[dict[str, Any]], io_names: list[str]) -> dict[str, str]:
+    """The text files written next to the QPC (file name -> content), node_precision_info excluded."""
+    files = {SPECIALIZATIONS_FILE: specializations_json(specs, o.spec_format)}
+    if o.kv_precision is not None:
+        entries = kv_custom_io(io_names, o.kv_precision)
+        if entries:
+            files[CUSTOM_IO_FILE] = custom_io_yaml(entries)
+    if o.num_devices > 1:
+        files[mdp_file(o.num_devices)] = mdp_json(o.num_devices, o.num_cores)
+    return files
+
+
+def node_precision_digest(path: str) -> str:
+    """sha256 of the node-precision file (its content, not its path, is part of the key)."""
+    p = Path(path)
+    try:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ManifestError(f"compile.qaic.node_precision_info: cannot read {p.resolve()}: {exc.strerror}",
+                            key="compile.qaic.node_precision_info") from exc
+
+
+def key_params(m: Manifest, o: QaicOptions) -> dict[str, Any]:
+    """Every value that changes the command or a side file, by manifest key (no paths, no SDK facts)."""
+    c = m.compile
+    params: dict[str, Any] = {
+        "compile.backend": "qaic",
+        "compile.qaic.aic_hw_version": o.hw_version,
+        "compile.qaic.convert_to_fp16": o.convert_to_fp16,
+        "compile.mxfp6_matmul": o.mxfp6_matmul,
+        "compile.num_cores": o.num_cores,
+        "compile.num_devices": o.num_devices,
+        "compile.qaic.mos": o.mos,
+        "compile.qaic.aic_enable_depth_first": o.depth_first,
+        "compile.qaic.ols": o.ols,
+        "compile.qaic.node_precision_info": (node_precision_digest(o.node_precision_info)
+                                             if o.node_precision_info else None),
+        "compile.qaic.extra_flags": {k: v for k, v in o.extra_flags if v is not None and v is not False},
+        "compile.qaic.specializations_format": o.spec_format,
+    }
+    if o.retained_state:
+        params["compile.mxint8_kv_cache"] = c.mxint8_kv_cache
+    return params

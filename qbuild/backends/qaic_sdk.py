@@ -1,0 +1,181 @@
+"""Finding the Cloud AI 100 SDK: the compiler, its kind, the SDK versions and the card's hardware version.
+
+Facts (../shared/reference/qefficient.md section 2): the compiler is ``<sdk>/exec/qaic-compile`` on current
+SDKs and ``<sdk>/exec/qaic-exec`` on older ones; the SDK versions are the ``base_version`` elements of
+``<sdk>/versions/apps.xml`` and ``platform.xml``; the hardware version is detected by running
+``<sdk>/tools/qaic-util -q`` and looking for ``AIC200`` on its ``FW IMAGE_VARIANT`` lines. Nothing here
+imports a heavy library; the one subprocess (qaic-util) runs once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from qbuild.manifest.schema import Manifest
+
+DEFAULT_SDK_DIR = "/opt/qti-aic"
+COMPILERS = ("qaic-compile", "qaic-exec")
+#: used when no card can be asked (no qaic-util, or it fails): the compiler's own default target
+DEFAULT_HW_VERSION = "ai100"
+#: ``specializations_format: auto`` writes the named format from this Apps SDK version on, the flat one
+#: below it and when the version is unknown. QEfficient switched to named specialisations in PR #904
+#: (2026-04, first released in QEfficient 1.22) and issue #1129 shows older qaic-compile rejecting them;
+#: the reference names no exact SDK version, so the threshold is our choice: the 1.21 Apps SDK, the
+#: line QEfficient 1.22 was released against. ``compile.qaic.specializations_format`` overrides it.
+NAMED_SPECIALIZATIONS_MIN_SDK = (1, 21)
+
+
+@dataclass(frozen=True)
+class Sdk:
+    """What was found: the compiler, its kind (qaic-compile / qaic-exec) and the SDK versions."""
+
+    compiler: str
+    kind: str
+    apps_version: str | None = None
+    platform_version: str | None = None
+    root: str | None = None
+
+
+def sdk_dir(m: Manifest) -> Path:
+    """The SDK root: ``compile.qaic.sdk_dir``, else ``$QAIC_SDK_DIR``, else /opt/qti-aic."""
+    return Path(m.compile.qaic.sdk_dir or os.environ.get("QAIC_SDK_DIR") or DEFAULT_SDK_DIR)
+
+
+def compiler_kind(path: str | Path) -> str:
+    """``qaic-exec`` for the older compiler (by file name), else ``qaic-compile``."""
+    return "qaic-exec" if "qaic-exec" in Path(path).name else "qaic-compile"
+
+
+def _executable(p: Path) -> bool:
+    return p.is_file() and os.access(p, os.X_OK)
+
+
+def looked_for(m: Manifest) -> str:
+    """Where discovery looked, for messages."""
+    if m.compile.qaic.compiler:
+        return f"compile.qaic.compiler={m.compile.qaic.compiler} is not an executable file"
+    root = sdk_dir(m)
+    origin = ("compile.qaic.sdk_dir" if m.compile.qaic.sdk_dir else
+              "$QAIC_SDK_DIR" if os.environ.get("QAIC_SDK_DIR") else "the default SDK location")
+    return f"looked for {root}/exec/qaic-compile and {root}/exec/qaic-exec ({origin})"
+
+
+def find_compiler(m: Manifest) -> Path | None:
+    """The compiler: ``compile.qaic.compiler`` or the SDK's qaic-compile, else its qaic-exec."""
+    if m.compile.qaic.compiler:
+        p = Path(m.compile.qaic.compiler)
+        return p if _executable(p) else None
+    for name in COMPILERS:
+        p = sdk_dir(m) / "exec" / name
+        if _executable(p):
+            return p
+    return None
+
+
+def read_version(xml_path: Path) -> str | None:
+    """The ``base_version`` text of an SDK version file, or None when absent or unreadable."""
+    try:
+        node = ET.parse(xml_path).getroot().find(".//base_version")
+    except (OSError, ET.ParseError):
+        return None
+    return node.text.strip() if node is not None and node.text else None
+
+
+def _version_root(m: Manifest, compiler: Path) -> Path:
+    """The SDK directory holding ``versions/``: the configured one, else the compiler's ``../..``."""
+    root = sdk_dir(m)
+    if not (root / "versions").is_dir() and (compiler.parent.parent / "versions").is_dir():
+        return compiler.parent.parent
+    return root
+
+
+def discover(m: Manifest) -> Sdk | None:
+    """The SDK this manifest would compile with, or None."""
+    compiler = find_compiler(m)
+    if compiler is None:
+        return None
+    root = _version_root(m, compiler)
+    return Sdk(str(compiler), compiler_kind(compiler), read_version(root / "versions" / "apps.xml"),
+               read_version(root / "versions" / "platform.xml"), str(root))
+
+
+def version_tuple(version: str | None) -> tuple[int, ...] | None:
+    """``"1.21.2.0"`` -> ``(1, 21, 2, 0)``; None when unparsable."""
+    if not version:
+        return None
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or None
+
+
+def specializations_format(m: Manifest, sdk: Sdk | None) -> str:
+    """``named`` or ``flat``: the manifest's choice, or by SDK version (see NAMED_SPECIALIZATIONS_MIN_SDK)."""
+    wanted = m.compile.qaic.specializations_format
+    if wanted != "auto":
+        return wanted
+    v = version_tuple(sdk.apps_version if sdk else None)
+    return "named" if v is not None and v[:2] >= NAMED_SPECIALIZATIONS_MIN_SDK else "flat"
+
+
+@cache
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file; memoised by (path, size, mtime) for the life of the process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(sdk: Sdk) -> dict[str, str]:
+    """Tool versions for the compile key: the Apps / Platform SDK versions and the compiler kind.
+
+    Without version files the compiler binary's digest stands in, so a changed compiler still recompiles.
+    """
+    fp = {"qaic-compiler": sdk.kind}
+    if sdk.apps_version or sdk.platform_version:
+        fp["qaic-apps-sdk"] = sdk.apps_version or "absent"
+        fp["qaic-platform-sdk"] = sdk.platform_version or "absent"
+    else:
+        st = os.stat(sdk.compiler)
+        fp["qaic-compiler-sha256"] = file_sha256(sdk.compiler, st.st_size, st.st_mtime_ns)
+    return fp
+
+
+def parse_hw_version(qaic_util_output: str) -> str:
+    """``ai200`` when a ``FW IMAGE_VARIANT`` line names AIC200, else ``ai100`` (QEfficient's rule)."""
+    for line in qaic_util_output.splitlines():
+        if "FW IMAGE_VARIANT" in line and "AIC200" in line:
+            return "ai200"
+    return "ai100"
+
+
+@cache
+def _detect_hw(qaic_util: str) -> tuple[str, str]:
+    if not _executable(Path(qaic_util)):
+        return DEFAULT_HW_VERSION, f"{qaic_util} not found; default {DEFAULT_HW_VERSION}"
+    try:
+        proc = subprocess.run([qaic_util, "-q"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return DEFAULT_HW_VERSION, f"{qaic_util} -q failed ({exc}); default {DEFAULT_HW_VERSION}"
+    if proc.returncode != 0 or "FW IMAGE_VARIANT" not in proc.stdout:
+        return DEFAULT_HW_VERSION, f"{qaic_util} -q found no card; default {DEFAULT_HW_VERSION}"
+    return parse_hw_version(proc.stdout), f"detected by {qaic_util} -q"
+
+
+def hw_version(m: Manifest, sdk: Sdk | None) -> tuple[str, str]:
+    """(``ai100`` | ``ai200``, why): ``compile.qaic.aic_hw_version``, else detected, else the default."""
+    if m.compile.qaic.aic_hw_version:
+        return m.compile.qaic.aic_hw_version, "compile.qaic.aic_hw_version"
+    root = Path(sdk.root) if sdk and sdk.root else sdk_dir(m)
+    return _detect_hw(str(root / "tools" / "qaic-util"))

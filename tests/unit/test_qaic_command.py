@@ -1,0 +1,214 @@
+"""The qaic command line and side files against hand-written golden files; discovery and flag checks.
+
+Pure functions only (no torch, no SDK): each case shows its whole input, the expected output is in
+tests/golden/qaic/<case>/ (typed from the reference, see its README).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qbuild.backends import qaic_command, qaic_sdk
+from qbuild.backends.qaic_sdk import Sdk
+from qbuild.errors import ManifestError
+from qbuild.manifest.validate import to_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden" / "qaic"
+FAKE_SDK = ROOT / "tests" / "fixtures" / "fake-sdk"
+SDK = Sdk("/opt/qti-aic/exec/qaic-compile", "qaic-compile", "1.21.2.0", "1.21.2.0", "/opt/qti-aic")
+OLD_SDK = Sdk("/opt/qti-aic/exec/qaic-exec", "qaic-exec", "1.20.0.0", "1.20.0.0", "/opt/qti-aic")
+# a 2-layer retained-state KV graph, as the causal-LM KV export names it (reference §3.3)
+KV_IO = ["input_ids", "position_ids", "past_key.0", "past_value.0", "past_key.1", "past_value.1", "logits",
+         "past_key.0_RetainedState", "past_value.0_RetainedState", "past_key.1_RetainedState",
+         "past_value.1_RetainedState"]
+KV_IO_FUNCTIONS = [n.replace("_RetainedState", "_InternalRetainedState") for n in KV_IO]
+EMB_IO = ["input_ids", "attention_mask", "output"]
+PREFILL_DECODE = [{"name": "Prefill", "symbols": {"batch_size": 1, "seq_len": 32, "ctx_len": 128}},
+                  {"name": "Decode", "symbols": {"batch_size": 1, "seq_len": 1, "ctx_len": 128}}]
+KV = {"transforms": {"apply": ["kv_cache"]}}
+
+
+def manifest(data: dict[str, Any]) -> Any:
+    """A validated manifest from ``data``, with a model source (its value never reaches the compiler)."""
+    return to_manifest({**data, "model": {"path": "model-dir", **data.get("model", {})}})
+
+
+@dataclass
+class Case:
+    manifest: dict[str, Any]
+    specs: list[dict[str, Any]] = field(default_factory=lambda: PREFILL_DECODE)
+    io: list[str] = field(default_factory=lambda: KV_IO)
+    sdk: Sdk = SDK
+    retained_state: bool = True
+    sub_functions: bool = False
+
+
+CASES = {
+    "causal_lm_2_prefill": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16}}, specs=[
+        {"name": "Prefill_0", "symbols": {"batch_size": 1, "seq_len": 32, "ctx_len": 128}},
+        {"name": "Prefill_1", "symbols": {"batch_size": 1, "seq_len": 64, "ctx_len": 128}},
+        {"name": "Decode", "symbols": {"batch_size": 1, "seq_len": 1, "ctx_len": 128}}]),
+    "embedding_3_lengths": Case({"model": {"task": "embedding"}, "compile": {"backend": "qaic", "num_cores": 16}},
+                                specs=[{"name": f"Embedding_{i}", "symbols": {"batch_size": 1, "seq_len": n}}
+                                       for i, n in enumerate([32, 64, 128])], io=EMB_IO, retained_state=False),
+    "mxfp6_matmul": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16, "mxfp6_matmul": True}}),
+    "mxint8_kv_cache": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16, "mxint8_kv_cache": True}}),
+    "num_devices_4": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16, "num_devices": 4}}),
+    "mos_depth_first": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16,
+                                               "qaic": {"mos": 1, "aic_enable_depth_first": True}}}),
+    "ai200_bf16": Case({**KV, "model": {"dtype": "bfloat16"},
+                        "compile": {"backend": "qaic", "num_cores": 16, "qaic": {"aic_hw_version": "ai200"}}}),
+    "old_sdk_flat": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16}}, sdk=OLD_SDK),
+    "subfunctions_extra_flags": Case(
+        {**KV, "compile": {"backend": "qaic", "num_cores": 16,
+                           "qaic": {"ols": 2, "node_precision_info": "fp32_nodes.yaml",
+                                    "extra_flags": {"stats-batchsize": 4, "-aic-perf-metrics": True,
+                                                    "aic-pmu-recipe": False}}}},
+        io=KV_IO_FUNCTIONS, sub_functions=True),
+}
+
+
+def render(case: Case) -> dict[str, str]:
+    """What the backend would write for ``case``: the side files and the command (one argument a line)."""
+    m = manifest(case.manifest)
+    o = qaic_command.options(m, sdk=case.sdk, hw_version=m.compile.qaic.aic_hw_version or "ai100",
+                             spec_format=qaic_sdk.specializations_format(m, case.sdk),
+                             retained_state=case.retained_state)
+    files = qaic_command.side_files(o, case.specs, case.io)
+    cmd = qaic_command.argv(o, sub_functions=case.sub_functions, custom_io=qaic_command.CUSTOM_IO_FILE in files)
+    return {**files, "command.txt": "\n".join(cmd) + "\n"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_command_and_side_files_match_golden(name: str) -> None:
+    expected = {p.name: p.read_text(encoding="utf-8") for p in sorted((GOLDEN / name).iterdir())}
+    got = render(CASES[name])
+    assert sorted(got) == sorted(expected)
+    for fname, text in expected.items():
+        assert got[fname] == text, f"{name}/{fname} differs from the golden file"
+
+
+def test_every_golden_directory_has_a_case() -> None:
+    assert sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()) == sorted(CASES)
+
+
+def test_the_named_format_needs_the_1_21_sdk_unless_the_manifest_says() -> None:
+    m = manifest({"compile": {"backend": "qaic"}})
+    fmt = qaic_sdk.specializations_format
+    assert fmt(m, SDK) == "named" and fmt(m, OLD_SDK) == "flat" and fmt(m, None) == "flat"
+    assert fmt(m, Sdk("c", "qaic-compile", "1.22.0.5")) == "named"
+    assert fmt(m, Sdk("c", "qaic-compile", "garbage")) == "flat"
+    flat = manifest({"compile": {"qaic": {"specializations_format": "flat"}}})
+    named = manifest({"compile": {"qaic": {"specializations_format": "named"}}})
+    assert fmt(flat, SDK) == "flat" and fmt(named, OLD_SDK) == "named"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"aic-num-cores": 4}, "use compile.num_cores instead"),
+    ({"-mos": 2}, "use compile.qaic.mos instead"),
+    ({"aic-binary-dir": "/tmp/x"}, "is set by qbuild"),
+    ({"device-group": [0, 1]}, "expected true, false, a number or a string"),
+    ({"bad flag": True}, "is not a compiler flag name"),
+    ({"x=1": True}, "is not a compiler flag name"),
+])
+def test_extra_flags_are_checked(flags: dict[str, Any], message: str) -> None:
+    m = manifest({"compile": {"qaic": {"extra_flags": flags}}})
+    with pytest.raises(ManifestError, match=message) as info:
+        qaic_command.extra_flags(m)
+    assert info.value.key and info.value.key.startswith("compile.qaic.extra_flags.")
+
+
+def _params(tmp_path: Path, **compile_: Any) -> dict[str, Any]:
+    m = manifest({**KV, "compile": {"backend": "qaic", **compile_}})
+    o = qaic_command.options(m, sdk=SDK, hw_version=m.compile.qaic.aic_hw_version or "ai100",
+                             spec_format=qaic_sdk.specializations_format(m, SDK), retained_state=True)
+    return qaic_command.key_params(m, o)
+
+
+@pytest.mark.parametrize("change", [
+    {"num_cores": 8}, {"mxfp6_matmul": True}, {"mxint8_kv_cache": True}, {"num_devices": 2},
+    {"qaic": {"mos": 2}}, {"qaic": {"aic_enable_depth_first": True}}, {"qaic": {"ols": 2}},
+    {"qaic": {"aic_hw_version": "ai200"}}, {"qaic": {"convert_to_fp16": False}},
+    {"qaic": {"specializations_format": "flat"}}, {"qaic": {"extra_flags": {"aic-perf-metrics": True}}},
+])
+def test_every_flag_changes_the_key_params(tmp_path: Path, change: dict[str, Any]) -> None:
+    assert _params(tmp_path, **change) != _params(tmp_path)
+
+
+@pytest.mark.parametrize("change", [
+    {"qaic": {"timeout_s": 5}}, {"qaic": {"compiler": "/elsewhere/qaic-compile"}}, {"qaic": {"sdk_dir": "/x"}},
+    {"qaic": {"extra_flags": {"aic-perf-metrics": False}}}, {"graph_optimization": "all"},
+])
+def test_what_does_not_change_the_command_does_not_change_the_key_params(tmp_path: Path,
+                                                                         change: dict[str, Any]) -> None:
+    assert _params(tmp_path, **change) == _params(tmp_path)
+
+
+def test_node_precision_info_is_keyed_by_content_not_path(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b" / "fp32.yaml"
+    b.parent.mkdir()
+    a.write_text("FP32NodeInstanceNames:\n  - /model/norm/Mul\n")
+    shutil.copy(a, b)
+    pa = _params(tmp_path, qaic={"node_precision_info": str(a)})
+    pb = _params(tmp_path, qaic={"node_precision_info": str(b)})
+    assert pa == pb and str(tmp_path) not in repr(pa)
+    b.write_text("FP32NodeInstanceNames: []\n")
+    assert _params(tmp_path, qaic={"node_precision_info": str(b)}) != pa
+    with pytest.raises(ManifestError, match="compile.qaic.node_precision_info: cannot read"):
+        _params(tmp_path, qaic={"node_precision_info": str(tmp_path / "missing.yaml")})
+
+
+def test_versions_come_from_the_sdk_version_files(tmp_path: Path) -> None:
+    assert qaic_sdk.read_version(FAKE_SDK / "versions" / "apps.xml") == "1.21.2.0"
+    assert qaic_sdk.read_version(FAKE_SDK / "versions" / "platform.xml") == "1.21.2.0"
+    assert qaic_sdk.read_version(tmp_path / "missing.xml") is None
+    (tmp_path / "bad.xml").write_text("<versions><ci_build>")
+    assert qaic_sdk.read_version(tmp_path / "bad.xml") is None
+    assert qaic_sdk.version_tuple("1.21.2.0") == (1, 21, 2, 0) and qaic_sdk.version_tuple(None) is None
+
+
+def test_discovery_in_an_sdk_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QAIC_SDK_DIR", str(FAKE_SDK))
+    sdk = qaic_sdk.discover(manifest({}))
+    assert sdk is not None and sdk.kind == "qaic-compile" and sdk.apps_version == "1.21.2.0"
+    assert qaic_sdk.fingerprint(sdk) == {"qaic-compiler": "qaic-compile", "qaic-apps-sdk": "1.21.2.0",
+                                         "qaic-platform-sdk": "1.21.2.0"}
+    old = tmp_path / "sdk"
+    (old / "exec").mkdir(parents=True)
+    shutil.copy(FAKE_SDK / "exec" / "qaic-compile", old / "exec" / "qaic-exec")
+    monkeypatch.setenv("QAIC_SDK_DIR", str(old))
+    sdk = qaic_sdk.discover(manifest({}))
+    assert sdk is not None and sdk.kind == "qaic-exec" and sdk.apps_version is None
+    assert set(qaic_sdk.fingerprint(sdk)) == {"qaic-compiler", "qaic-compiler-sha256"}
+    monkeypatch.setenv("QAIC_SDK_DIR", str(tmp_path / "none"))
+    m = manifest({})
+    assert qaic_sdk.discover(m) is None
+    assert qaic_sdk.looked_for(m) == (f"looked for {tmp_path}/none/exec/qaic-compile and "
+                                      f"{tmp_path}/none/exec/qaic-exec ($QAIC_SDK_DIR)")
+
+
+def test_hw_version_from_the_manifest_qaic_util_or_the_default(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert qaic_sdk.parse_hw_version("QID 0\n\tFW IMAGE_VARIANT:AIC200_ES\n") == "ai200"
+    assert qaic_sdk.parse_hw_version("QID 0\n\tFW IMAGE_VARIANT:AIC100_ES\n") == "ai100"
+    assert qaic_sdk.hw_version(manifest({"compile": {"qaic": {"aic_hw_version": "ai200"}}}), SDK)[0] == "ai200"
+    sdk = tmp_path / "sdk"
+    shutil.copytree(FAKE_SDK, sdk)
+    monkeypatch.setenv("FAKE_QAIC_VARIANT", "AIC200")
+    found = Sdk(str(sdk / "exec" / "qaic-compile"), "qaic-compile", root=str(sdk))
+    assert qaic_sdk.hw_version(manifest({}), found) == ("ai200", f"detected by {sdk}/tools/qaic-util -q")
+    nothing = Sdk("c", "qaic-compile", root=str(tmp_path / "no-sdk"))
+    assert qaic_sdk.hw_version(manifest({}), nothing)[0] == "ai100"
+
+
+def test_kv_custom_io_keeps_only_the_graphs_names() -> None:
+    io = ["input_ids", "past_key.1", "past_value.1", "past_key.10", "past_key.1_RetainedState", "logits"]
+    assert qaic_command.kv_custom_io(io, "float16") == [
+        ("past_key.1", "float16"), ("past_key.1_RetainedState", "float16"), ("past_value.1", "float16"),
+        ("past_key.10", "float16")]
