@@ -58,7 +58,15 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _register_own_models() -> None:
+    """Architectures transformers lacks, implemented in qbuild (model_type grok-1)."""
+    from qbuild.models import grok1
+
+    grok1.register()
+
+
 def _make_config(architecture: str, overrides: dict[str, Any]) -> Any:
+    _register_own_models()  # before the CONFIG_MAPPING check below
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -131,11 +139,15 @@ def load_model(model_dir: Path, task: str, dtype: str) -> torch.nn.Module:
     """
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
+    _register_own_models()
+    from qbuild.models.grok1 import checkpoint_config
+
     auto, torch_dtype = _auto_class(task), _torch_dtype(dtype)
     try:
         with _quiet_transformers():
             model, info = auto.from_pretrained(
                 model_dir,
+                config=checkpoint_config(model_dir),  # None unless config.json is Grok-1's
                 local_files_only=True,
                 attn_implementation="eager",
                 dtype=torch_dtype,
