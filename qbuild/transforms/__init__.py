@@ -19,7 +19,10 @@ from qbuild.errors import ManifestError, QBuildError, TransformError
 ENTRY_POINT_GROUP = "qbuild.transforms"
 
 #: name -> ("module:function", version); bump the version whenever a transform's output changes
-_REGISTRY: dict[str, tuple[str, int]] = {}
+_REGISTRY: dict[str, tuple[str, int]] = {
+    "custom_rmsnorm": ("qbuild.transforms.custom_ops:apply_custom_rmsnorm", 1),
+    "kv_cache": ("qbuild.transforms.kv_cache:apply", 1),
+}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -252,7 +252,7 @@ def test_registry_and_entry_point_transforms(tiny: dict, monkeypatch: pytest.Mon
     ep = EntryPoint(name="tagged", value="qbuild_test_plugin:tagged", group=transforms.ENTRY_POINT_GROUP)
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: [ep] if group else [])
 
-    assert transforms.known_transforms() == ["noop", "tagged"]
+    assert transforms.known_transforms() == ["custom_rmsnorm", "kv_cache", "noop", "tagged"]
     assert transforms.transform_versions(["noop", "tagged"]) == {"noop": 2, "tagged": 4}
     reports = transforms.apply_transforms(tiny["model"], ["noop", "tagged"])
     assert reports == [

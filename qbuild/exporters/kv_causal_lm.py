@@ -1,0 +1,159 @@
+"""Export a ``kv_cache``-transformed causal LM to ONNX with the retained-state graph contract.
+
+Inputs: ``input_ids`` int64 ``[batch_size, seq_len]``, ``position_ids`` int64 ``[batch_size, seq_len]``
+(padding -1), ``past_key.{i}`` / ``past_value.{i}`` ``[batch_size, num_kv_heads, ctx_len, head_dim]``.
+Outputs, in order: ``logits`` float32 ``[batch_size, 1, vocab]`` (last valid position of each row), then
+``past_key.{i}_RetainedState``, ``past_value.{i}_RetainedState`` per layer. The dims ``batch_size``,
+``seq_len`` and ``ctx_len`` are symbolic. Custom ops (``custom_rmsnorm``) are ONNX functions appended to
+the model, so ONNX Runtime runs the same graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qbuild.errors import ExportError
+from qbuild.exporters.causal_lm import (
+    DATA_FILE,
+    MODEL_FILE,
+    _check_args,
+    _files,
+    _gather_external_data,
+    _one_line,
+    _quiet,
+)
+
+#: example prompt length traced (must differ from batch, heads and ctx_len so no dims get unified)
+_EXAMPLE_SEQ = 5
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names for ``num_layers`` layers."""
+    cache = [f"past_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "position_ids", *cache], ["logits", *(f"{n}_RetainedState" for n in cache)]
+
+
+def _wrapper(model: Any, num_layers: int) -> Any:
+    """A module whose forward names every cache argument (the dynamo exporter needs explicit names)."""
+    import torch
+
+    args = ", ".join(f"past_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value"))
+    namespace: dict[str, Any] = {}
+    exec(  # noqa: S102 - generated signature only; the body forwards to the model
+        f"def forward(self, input_ids, position_ids, {args}):\n"
+        f"    return self.inner(input_ids, position_ids, {args})\n",
+        namespace,
+    )
+    cls = type("KVExportWrapper", (torch.nn.Module,), {"forward": namespace["forward"]})
+    wrapper = cls()
+    wrapper.inner = model
+    return wrapper.eval()
+
+
+def example_inputs(model: Any, batch_size: int, ctx_len: int) -> tuple[Any, ...]:
+    """Batch >= 2, a continuing row and a left-padded row, random caches of ``ctx_len`` slots."""
+    import torch
+
+    batch = max(2, batch_size)
+    gen = torch.Generator().manual_seed(0)
+    seq = min(_EXAMPLE_SEQ, ctx_len - 1)
+    input_ids = torch.randint(0, int(model.config.vocab_size), (batch, seq), generator=gen)
+    position_ids = torch.arange(seq).repeat(batch, 1) + 1  # continues after one cached token
+    position_ids[1:, :2] = -1  # left padding
+    heads, head_dim = model.kv_cache_shape()
+    dtype = next(model.parameters()).dtype
+    layers = model.kv_num_layers()
+    past = [torch.randn(batch, heads, ctx_len, head_dim, generator=gen).to(dtype) for _ in range(2 * layers)]
+    return (input_ids, position_ids, *past)
+
+
+def _axes(inputs: list[str], outputs: list[str]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch_size", 1: "seq_len"},
+                                       "position_ids": {0: "batch_size", 1: "seq_len"}, "logits": {0: "batch_size"}}
+    for name in inputs[2:] + outputs[1:]:
+        axes[name] = {0: "batch_size", 2: "ctx_len"}
+    return axes
+
+
+Names = tuple[list[str], list[str]]
+
+
+def _export_legacy(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
+    import torch
+
+    torch.onnx.export(wrapper, args, str(path), input_names=names[0], output_names=names[1],
+                      dynamic_axes=_axes(*names), opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
+    import torch
+
+    from qbuild.transforms.custom_ops import dynamo_translation_table
+
+    batch, seq, ctx = (torch.export.Dim(n) for n in ("batch_size", "seq_len", "ctx_len"))
+    shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: seq}] + [{0: batch, 2: ctx}] * (len(args) - 2)
+    program = torch.onnx.export(wrapper, args, None, input_names=names[0], output_names=names[1],
+                                dynamic_shapes=tuple(shapes), opset_version=opset, dynamo=True, verbose=False,
+                                custom_translation_table=dynamo_translation_table())
+    program.save(str(path), external_data=True)
+
+
+def _finish(path: Path, opset: int, vocab: int) -> None:
+    """Append the ONNX functions of the custom ops the graph uses; state ``logits`` as ``[batch_size, 1, vocab]``."""
+    import onnx
+
+    from qbuild.transforms.custom_ops import add_functions
+
+    model = onnx.load(str(path), load_external_data=False)
+    add_functions(model, opset)
+    dims = model.graph.output[0].type.tensor_type.shape.dim  # the legacy exporter names dim 1 "Castlogits_dim_1"
+    for dim, value in zip(dims, ("batch_size", 1, vocab), strict=True):
+        dim.Clear()
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = value
+    onnx.save_model(model, str(path))  # external data references are kept as they are
+
+
+def _describe(model: Any, exporter: str, opset: int, files: list[str]) -> dict[str, Any]:
+    n = model.kv_num_layers()
+    heads, head_dim = model.kv_cache_shape()
+    inputs, outputs = io_names(n)
+    return {"onnx": MODEL_FILE, "files": files, "inputs": inputs, "outputs": outputs, "num_layers": n,
+            "num_kv_heads": heads, "head_dim": head_dim, "vocab_size": int(model.config.vocab_size),
+            "exporter": exporter, "opset": opset}
+
+
+def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int, ctx_len: int,
+                        batch_size: int = 1) -> dict[str, Any]:
+    """Export a ``kv_cache``-transformed ``model`` to ``out_dir/model.onnx`` (+ external data); checked."""
+    import onnx
+
+    from qbuild.transforms.kv_cache import KVCausalLM
+
+    if not isinstance(model, KVCausalLM):
+        raise ExportError("the kv causal-LM export needs the kv_cache transform",
+                          hint="add kv_cache to transforms.apply (e.g. transforms=kv_cache)")
+    _check_args(exporter, opset)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MODEL_FILE
+    names = io_names(model.kv_num_layers())
+    before = _files(out_dir)
+    try:
+        with _quiet():
+            wrapper, args = _wrapper(model, model.kv_num_layers()), example_inputs(model, batch_size, ctx_len)
+            if exporter == "dynamo":
+                _export_dynamo(wrapper, args, path, opset, names)
+            else:
+                _export_legacy(wrapper, args, path, opset, names)
+                _gather_external_data(path, _files(out_dir) - before - {MODEL_FILE})
+            _finish(path, opset, int(model.config.vocab_size))
+        onnx.checker.check_model(str(path))
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{exporter} export to {path} failed: {_one_line(exc)}") from exc
+    return _describe(model, exporter, opset, sorted(_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})))

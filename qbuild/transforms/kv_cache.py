@@ -1,0 +1,214 @@
+"""``kv_cache``: the static, retained-state KV cache of Cloud AI 100 (QEfficient's convention).
+
+``apply(model)`` swaps the class of a loaded Hugging Face causal LM (in place, weights untouched) to a
+subclass whose ``forward`` is::
+
+    forward(input_ids [B,S] int64, position_ids [B,S] int64, past_key_0, past_value_0, ...)
+        -> (logits [B,1,V] float32, past_key_0_RetainedState, past_value_0_RetainedState, ...)
+
+Caches are ``[B, kv_heads, ctx_len, head_dim]`` for every layer (sliding-window and chunked layers keep a
+full-length cache and restrict attention with their masks). The caches may also be passed as keyword
+arguments ``past_key_{i}`` / ``past_value_{i}``.
+
+* Position ids carry everything: a padding token has position -1. The new keys/values are scattered
+  into the cache at their position ids (ScatterElements on axis 2). A padding token rewrites the slot
+  of its row's last valid token with that token's own key/value (so duplicate indices carry identical
+  values and the scatter is order-independent); a row that is all padding writes into slot
+  ``ctx_len - 1``, which no query can see before a real token at that position overwrites it.
+* The mask for a query at position ``p`` allows cache slots ``0..p`` (plus the window / chunk
+  restrictions of the layer); masked scores take the dtype's minimum (finite, so an all-padding row
+  stays finite). It is built from position ids only; there is no attention-mask input.
+* Logits are computed for the last valid token of each row only (``argmax(position_ids)``).
+
+Family rewrites live in ``qbuild.transforms.models.<family>`` (looked up by ``config.model_type``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+#: config.model_type -> "module:Class" of the family's KV mixin
+FAMILIES: dict[str, str] = {
+    "llama": "qbuild.transforms.models.llama:KVLlama",
+    "mistral": "qbuild.transforms.models.llama:KVLlama",
+    "qwen2": "qbuild.transforms.models.llama:KVLlama",
+    "qwen3": "qbuild.transforms.models.llama:KVLlama",
+    "gpt2": "qbuild.transforms.models.gpt2:KVGPT2",
+    "gemma3_text": "qbuild.transforms.models.gemma3:KVGemma3",
+    "llama4_text": "qbuild.transforms.models.llama4:KVLlama4",
+    "grok-1": "qbuild.transforms.models.grok1:KVGrok1",
+}
+
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+# ---------------------------------------------------------------------------------------------- ops
+def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    """Write ``updates [B,H,S,D]`` into ``cache [B,H,C,D]`` at slots ``position_ids [B,S]`` (see module doc)."""
+    b, h, s, d = updates.shape
+    last = position_ids.argmax(dim=1, keepdim=True)  # [B,1] index of the row's last valid token
+    top = position_ids.gather(1, last)  # [B,1] its position; -1 for an all-padding row
+    pad = position_ids < 0  # [B,S]
+    slot = torch.where(pad, top, position_ids)  # [B,S]
+    slot = torch.where(slot < 0, torch.full_like(slot, cache.shape[2] - 1), slot)
+    last_update = updates.gather(2, last[:, None, :, None].expand(b, h, 1, d))  # [B,H,1,D]
+    updates = torch.where(pad[:, None, :, None], last_update, updates)  # [B,H,S,D]
+    return cache.scatter(2, slot[:, None, :, None].expand(b, h, s, d), updates)
+
+
+def causal_mask(
+    position_ids: torch.Tensor, ctx_len: Any, *, window: int | None = None, chunk: int | None = None
+) -> torch.Tensor:
+    """Boolean ``[B,1,S,C]``: may the query at ``position_ids[b,s]`` see cache slot ``c``."""
+    kv = torch.arange(ctx_len, dtype=position_ids.dtype, device=position_ids.device)[None, None, :]  # [1,1,C]
+    q = position_ids[:, :, None]  # [B,S,1]
+    allowed = kv <= q
+    if window is not None:
+        allowed = allowed & (kv > q - window)
+    if chunk is not None:
+        allowed = allowed & (torch.div(kv, chunk, rounding_mode="floor") == torch.div(q, chunk, rounding_mode="floor"))
+    return allowed[:, None]  # [B,1,S,C]
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B,Hkv,C,D] -> [B,Hkv*groups,C,D]`` (grouped-query attention)."""
+    if groups == 1:
+        return x
+    b, h, c, d = x.shape
+    return x[:, :, None].expand(b, h, groups, c, d).reshape(b, h * groups, c, d)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    softmax_fp32: bool = True,
+) -> torch.Tensor:
+    """Masked attention of ``q [B,Hq,S,D]`` over the cache ``k, v [B,Hkv,C,D]``; returns ``[B,S,Hq*D]``."""
+    b, hq, s, d = q.shape
+    groups = hq // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B,Hq,S,C]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+    if softmax_fp32:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v)  # [B,Hq,S,D]
+    return out.transpose(1, 2).reshape(b, s, hq * v.shape[-1])
+
+
+def last_valid(hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """``hidden [B,S,H]`` at each row's largest position id: ``[B,1,H]``."""
+    idx = position_ids.argmax(dim=1)  # [B]
+    return hidden.gather(1, idx[:, None, None].expand(-1, 1, hidden.shape[-1]))
+
+
+# ------------------------------------------------------------------------------------- base class
+class KVCausalLM:
+    """Mixin put in front of the Hugging Face class; families override the ``kv_*`` hooks."""
+
+    kv_family = "base"
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor,
+                **named: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        past_kv = self.kv_collect(past, named)
+        position_ids = position_ids.to(torch.int64)
+        ctx = self.kv_context(input_ids, position_ids, past_kv[0].shape[2])
+        h = self.kv_embed(input_ids, position_ids)  # [B,S,H]
+        new: list[torch.Tensor] = []
+        for i, layer in enumerate(self.kv_layers()):
+            h, k, v = self.kv_layer(i, layer, h, ctx, past_kv[2 * i], past_kv[2 * i + 1])
+            new += [k, v]
+        h = last_valid(h, position_ids)  # [B,1,H]: the norm and head act per position
+        logits = self.kv_logits(self.kv_final_norm(h)).float()  # [B,1,V]
+        return (logits, *new)
+
+    def kv_collect(self, past: tuple[torch.Tensor, ...], named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The caches in layer order ``[k0, v0, k1, v1, ...]`` from positional or named arguments."""
+        n = self.kv_num_layers()
+        if named:
+            unknown = set(named) - {f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value")}
+            if unknown or past:
+                raise TypeError(f"pass the caches either positionally or as past_key_i/past_value_i; got {unknown}")
+            past = tuple(named[f"past_{kind}_{i}"] for i in range(n) for kind in ("key", "value"))
+        if len(past) != 2 * n:
+            raise TypeError(f"expected {2 * n} caches (past_key_i, past_value_i for {n} layers), got {len(past)}")
+        return list(past)
+
+    def kv_num_layers(self) -> int:
+        return len(self.kv_layers())
+
+    def kv_cache_shape(self) -> tuple[int, int]:
+        """``(num_kv_heads, head_dim)`` of every layer's cache."""
+        raise NotImplementedError
+
+    def kv_layers(self) -> Any:
+        raise NotImplementedError
+
+    def kv_context(self, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx_len: Any) -> dict[str, Any]:
+        """What every layer shares: position ids, masks, rotary tables."""
+        raise NotImplementedError
+
+    def kv_embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kv_layer(self, i: int, layer: Any, h: torch.Tensor, ctx: dict[str, Any], past_k: torch.Tensor,
+                 past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def kv_final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kv_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)  # type: ignore[attr-defined]
+
+    def kv_prepare(self) -> dict[str, Any]:
+        """Called once after the class swap (checks, weight-free set-up); returns report entries."""
+        return {}
+
+    def kv_empty_cache(self, batch_size: int, ctx_len: int) -> list[torch.Tensor]:
+        """Zero caches ``[k0, v0, ...]`` for a fresh sequence."""
+        heads, head_dim = self.kv_cache_shape()
+        dtype = next(self.parameters()).dtype  # type: ignore[attr-defined]
+        return [torch.zeros(batch_size, heads, ctx_len, head_dim, dtype=dtype) for _ in range(2 * self.kv_num_layers())]
+
+
+# ------------------------------------------------------------------------------------- transform
+def family_mixin(model_type: str) -> type:
+    """The KV mixin class of a ``config.model_type``; unknown types list the supported ones."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"no kv_cache rewrite for model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    module, _, cls = FAMILIES[model_type].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def apply(model: Any) -> dict[str, Any]:
+    """Rewrite ``model`` in place into the retained-state KV form; returns a JSON-able report."""
+    if isinstance(model, KVCausalLM):
+        raise ValueError("kv_cache is already applied to this model")
+    model_type = model.config.model_type
+    mixin = family_mixin(model_type)
+    base = type(model)
+    if (mixin, base) not in _SWAPPED:
+        _SWAPPED[(mixin, base)] = type(f"KV{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+    model.__class__ = _SWAPPED[(mixin, base)]
+    extra = model.kv_prepare()
+    heads, head_dim = model.kv_cache_shape()
+    return {
+        "family": mixin.kv_family,
+        "model_type": model_type,
+        "class": type(model).__name__,
+        "num_layers": model.kv_num_layers(),
+        "num_kv_heads": heads,
+        "head_dim": head_dim,
+        **extra,
+    }
