@@ -50,7 +50,8 @@ class KVCausalLMTask(Task):
         expected = [hf_greedy(hf, ids, v.max_new_tokens, tokenizer) for ids in prompts]
         ctx.progress("generate with the compiled artifact", None)
         runtime = KVRuntime(compiled, ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
-        got = runtime.generate(prompts, v.max_new_tokens, hf.generation_config.eos_token_id).tokens
+        generation = runtime.generate(prompts, v.max_new_tokens, hf.generation_config.eos_token_id)
+        got = generation.tokens
         for text, want, have in zip(v.prompts, expected, got, strict=True):
             if want != have:
                 at = first_difference(want, have)
@@ -58,7 +59,8 @@ class KVCausalLMTask(Task):
                                   f"expected {want[at:at + 4]}..., got {have[at:at + 4]}...",
                                   hint="compare `qbuild run` output with transformers generate on the same weights")
         return {"prompts": list(v.prompts), "max_new_tokens": v.max_new_tokens, "tokens": got,
-                "prompt_tokens": [len(p) for p in prompts], "buckets": runtime.buckets}
+                "prompt_tokens": [len(p) for p in prompts], "buckets": runtime.buckets,
+                "prefill_chunks": generation.chunks}
 
 
 def reference_model(ctx: StageContext) -> tuple[Any, Any]:
