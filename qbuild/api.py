@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbuild.execute.executor import BuildResult, execute
 from qbuild.execute.reporter import Reporter
@@ -15,7 +15,10 @@ from qbuild.manifest import ComposedManifest, compose
 from qbuild.plan.planner import Plan, make_plan
 from qbuild.store import Store, default_cache_dir
 
-__all__ = ["BuildResult", "RunResult", "build", "plan", "run"]
+if TYPE_CHECKING:
+    from qbuild.runtime.embed import EmbedResult
+
+__all__ = ["BuildResult", "RunResult", "build", "embed", "plan", "run"]
 
 PathLike = str | os.PathLike
 
@@ -101,18 +104,47 @@ def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str
     ids = [tok(p)["input_ids"] for p in prompts]
     rt = KVRuntime(Path(result.artifacts["compiled"]), ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
     streamed: list[list[int]] = [[] for _ in prompts]
+    shown = [0] * len(prompts)  # characters of each row's text already passed to on_text
+
+    def emit(row: int, text: str, final: bool) -> None:
+        # hold back text that ends inside a multi-byte character (byte-level BPE) until it completes
+        if on_text and len(text) > shown[row] and (final or not text.endswith("\ufffd")):
+            on_text(row, text[shown[row]:])
+            shown[row] = len(text)
 
     def on_token(row: int, token: int) -> None:
-        if on_text:
-            before = tok.decode(streamed[row], skip_special_tokens=True)
-            streamed[row].append(token)
-            on_text(row, tok.decode(streamed[row], skip_special_tokens=True)[len(before):])
+        streamed[row].append(token)
+        emit(row, tok.decode(streamed[row], skip_special_tokens=True), final=False)
 
     eos = json.loads((Path(result.model_dir) / "config.json").read_text()).get("eos_token_id")
     g = rt.generate(ids, max_new_tokens, eos, on_token)
     texts = [tok.decode(t, skip_special_tokens=True) for t in g.tokens]
+    for row, text in enumerate(texts):
+        emit(row, text, final=True)
     new = sum(len(t) for t in g.tokens)
     stats = {"prefill_s": round(g.prefill_s, 4), "decode_s": round(g.decode_s, 4), "new_tokens": new,
              "prefill_chunks": g.chunks,
              "decode_tok_s": round(g.decode_steps * len(prompts) / g.decode_s, 2) if g.decode_s else 0.0}
     return RunResult(prompts, g.tokens, texts, stats)
+
+
+def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides: Sequence[str] = (), *,
+          cache_dir: PathLike | None = None, reporter: Reporter | None = None,
+          progress: Callable[[int, int], None] | None = None) -> EmbedResult:
+    """Build what is missing, then embed ``texts`` with the compiled artifact (``model.task: embedding``)."""
+    from qbuild.backends import resolve_backend
+    from qbuild.errors import ManifestError, PlanError
+    from qbuild.runtime.embed import embed_build
+
+    cache = _cache(cache_dir)
+    composed = _composed(manifest, overrides, cache, write=True)
+    m = composed.manifest
+    if m.model.task != "embedding":
+        raise ManifestError(f"model.task: qbuild embed needs an embedding model, not {m.model.task}",
+                            key="model.task", hint="use an encoder manifest, e.g. manifests/minilm.yaml")
+    backend, why = resolve_backend(m)
+    if not backend.can_execute() or backend.name != "onnxruntime":
+        raise PlanError(f"qbuild embed runs ONNX Runtime artifacts on this machine; {why}",
+                        hint="build with compile=onnxruntime")
+    result = build(composed, cache_dir=cache, reporter=reporter)
+    return embed_build(composed, result, cache, texts, progress)

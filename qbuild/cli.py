@@ -12,11 +12,12 @@ from typing import Any
 
 from qbuild.errors import EXIT_INTERRUPTED, QBuildError
 
-COMMANDS = ("build", "plan", "run")
+COMMANDS = ("build", "plan", "run", "embed")
 
 USAGE = """qbuild [build] MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
        qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]
-       qbuild run MANIFEST [KEY=VALUE ...] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--json]"""
+       qbuild run MANIFEST [KEY=VALUE ...] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--json]
+       qbuild embed MANIFEST [KEY=VALUE ...] --text TEXT [--text ...] [--file FILE] [--json]"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
     p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
                    help="print the resolved configuration and exit")
+    p.add_argument("--explain", action="store_true", help="plan: print the exact compiler command / configuration")
     p.add_argument("--prompt", action="append", default=[], help="run: a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="run: tokens to generate per prompt")
     return p
@@ -38,11 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qbuild`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and args[0] in COMMANDS else "build"
-    ns = _parser().parse_intermixed_args(args)
+    ns = (_embed_parser() if command == "embed" else _parser()).parse_intermixed_args(args)
     try:
         if ns.cfg:
             return _print_cfg(ns)
-        return {"plan": _plan, "run": _run}.get(command, _build)(ns)
+        return {"plan": _plan, "run": _run, "embed": _embed}.get(command, _build)(ns)
     except QBuildError as exc:
         return _fail(exc, ns.json)
     except KeyboardInterrupt:
@@ -72,8 +74,10 @@ def _plan(ns: argparse.Namespace) -> int:
 
     p = plan(ns.manifest, ns.overrides, cache_dir=ns.cache_dir)
     rows = [{"name": s.name, "key": s.key, "state": s.state, "reasons": s.reasons} for s in p.stages]
+    explain = _explain(p) if ns.explain else []
     if ns.json:
-        print(json.dumps({"name": p.composed.name, "notes": p.notes, "stages": rows}))
+        print(json.dumps({"name": p.composed.name, "notes": p.notes, "stages": rows,
+                          **({"explain": explain} if ns.explain else {})}))
         return 0
     print(f"qbuild plan: {p.composed.name} ({p.composed.source})")
     for note in p.notes:
@@ -81,7 +85,21 @@ def _plan(ns: argparse.Namespace) -> int:
     for r in rows:
         reasons = "; ".join(r["reasons"])
         print(f"  {r['name']:<10} {r['state']:<7} {r['key'][:12]}  {reasons}".rstrip())
+    for line in explain:
+        print(f"  {line}")
     return 0
+
+
+def _explain(p: Any) -> list[str]:
+    """The compile stage's exact command (qaic: with the cached export's path when there is one)."""
+    import shlex
+
+    compile_stage, export = p.stage("compile").stage, p.stage("export")
+    backend, task, m = compile_stage.backend, compile_stage.task, p.composed.manifest
+    if export.entry is not None and hasattr(backend, "plan_command"):
+        onnx = export.entry.out / export.entry.meta["onnx"]
+        return ["command: " + shlex.join(backend.plan_command(m, task, onnx))]
+    return backend.explain(m, task)
 
 
 def _build(ns: argparse.Namespace) -> int:
@@ -106,11 +124,16 @@ def _run(ns: argparse.Namespace) -> int:
         raise RunError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
     reporter: Any = JsonReporter(sys.stderr) if ns.json else ConsoleReporter(sys.stderr)
     stream = len(ns.prompt) == 1 and not ns.json
-    if stream:
-        print(ns.prompt[0], end="", flush=True)
+    started: list[bool] = []
+
+    def on_text(_row: int, text: str) -> None:  # the prompt, then each piece of text as it is generated
+        if not started:
+            started.append(True)
+            print(ns.prompt[0], end="")
+        print(text, end="", flush=True)
+
     result = run(ns.manifest, ns.overrides, prompts=ns.prompt, max_new_tokens=ns.max_new_tokens,
-                 cache_dir=ns.cache_dir, reporter=reporter,
-                 on_text=(lambda _row, text: print(text, end="", flush=True)) if stream else None)
+                 cache_dir=ns.cache_dir, reporter=reporter, on_text=on_text if stream else None)
     if ns.json:
         print(json.dumps(result.to_json()))
     elif stream:
@@ -118,4 +141,61 @@ def _run(ns: argparse.Namespace) -> int:
     else:
         for prompt, text in zip(result.prompts, result.texts, strict=True):
             print(f"{prompt}{text}")
+    return 0
+
+
+def _embed_parser() -> argparse.ArgumentParser:
+    p = _parser()
+    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
+    p.add_argument("--file", action="append", default=[],
+                   help="a file with one text per line (blank lines skipped); - reads standard input")
+    return p
+
+
+def _embed_texts(ns: argparse.Namespace) -> list[str]:
+    from qbuild.errors import RunError
+
+    texts = list(ns.text)
+    for name in ns.file:
+        try:
+            lines = sys.stdin.read() if name == "-" else open(name, encoding="utf-8").read()  # noqa: SIM115
+        except OSError as exc:
+            raise RunError(f"--file: cannot read {name}: {exc.strerror}") from exc
+        texts += [ln for ln in lines.splitlines() if ln.strip()]
+    if not texts:
+        raise RunError("qbuild embed: no texts; give --text TEXT (repeatable) or --file FILE")
+    return texts
+
+
+def _progress_bar(done: int, total: int) -> None:
+    """Texts embedded so far, on standard error (a bar on a terminal, a final line otherwise)."""
+    if sys.stderr.isatty():
+        filled = int(30 * done / total)
+        sys.stderr.write(f"\r  embed      [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} texts")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    elif done == total:
+        print(f"  embed      {total} texts", file=sys.stderr)
+
+
+def _embed(ns: argparse.Namespace) -> int:
+    from qbuild.api import embed
+    from qbuild.execute.reporter import ConsoleReporter, JsonReporter
+
+    texts = _embed_texts(ns)
+    # stdout carries only the embeddings: build events go to standard error
+    reporter: Any = JsonReporter(sys.stderr) if ns.json else ConsoleReporter(sys.stderr)
+    result = embed(ns.manifest, texts, ns.overrides, cache_dir=ns.cache_dir, reporter=reporter,
+                   progress=_progress_bar if len(texts) > 1 else None)
+    summary = result.summary()
+    if ns.json:
+        print(json.dumps(summary))
+        return 0
+    p = summary["pooling"]
+    print(f"qbuild embed: {summary['name']}: {len(texts)} texts, dim {summary['dim']}, {p.get('method')} pooling"
+          f"{', L2-normalised' if p.get('normalize') else ''}, {summary['seconds']:.3f}s")
+    for text, vector in zip(texts, summary["embeddings"], strict=True):
+        print(text)
+        print("  " + json.dumps(vector))
     return 0

@@ -43,18 +43,20 @@ class TransformsSpec:
 
 @dataclass(frozen=True)
 class PoolingSpec:
-    """Pooling of encoder outputs (embedding models)."""
+    """Pooling of encoder outputs (embedding models), applied inside the exported graph."""
 
-    method: str = _f("auto", help="auto (sentence-transformers metadata, else mean), mean, max, cls, avg, "
-                                  "none, or module:function")
-    normalize: bool | None = _f(None, help="L2-normalise; default: from sentence-transformers metadata")
+    method: str = _f("auto", help="auto (sentence-transformers metadata in the model directory, else mean), "
+                                  "mean, max, cls, avg, none (token embeddings), or module:function taking "
+                                  "(last_hidden_states, attention_mask)")
+    normalize: bool | None = _f(None, help="L2-normalise; null: from sentence-transformers metadata, else false")
 
 
 @dataclass(frozen=True)
 class SeqSpec:
     """Sequence-length buckets, context length and batch size."""
 
-    lengths: list[int] = _f(factory=lambda: [32], min=1)
+    lengths: list[int] = _f(factory=lambda: [32], min=1, help="buckets: one compiled specialisation each; "
+                                                              "the smallest that fits an input is used")
     ctx_len: int = _f(128, min=1)
     batch_size: int = _f(1, min=1)
     overflow: str = _f("error", choices=["error", "truncate"], help="input longer than the largest bucket")
@@ -75,13 +77,15 @@ class QaicSpec:
     compiler: str | None = _f(None, help="path to qaic-compile / qaic-exec; default: the SDK's")
     sdk_dir: str | None = _f(None, help="SDK root; default $QAIC_SDK_DIR or /opt/qti-aic")
     aic_hw_version: str | None = _f(None, choices=[None, "ai100", "ai200"], help="default: detected")
-    specializations_format: str = _f("auto", choices=["auto", "named", "flat"])
+    specializations_format: str = _f("auto", choices=["auto", "named", "flat"],
+                                     help="auto: named from Apps SDK 1.21 on, flat for older or unknown SDKs")
     convert_to_fp16: bool = _f(True)
     mos: int | None = _f(None, min=1, help="max output splits (-mos)")
     aic_enable_depth_first: bool = _f(False)
     ols: int | None = _f(None, min=1, help="overlap split factor (-ols)")
     node_precision_info: str | None = _f(None, help="YAML of nodes kept in fp32 (-node-precision-info)")
-    extra_flags: dict[str, Any] = _f(factory=dict, help="extra compiler flags, e.g. {aic-perf-metrics: true}")
+    extra_flags: dict[str, Any] = _f(factory=dict, help="extra compiler flags by name: true -> -flag, a value -> "
+                                                        "-flag=value, false -> omitted; e.g. {aic-perf-metrics: true}")
     timeout_s: int = _f(7200, min=1)
 
 

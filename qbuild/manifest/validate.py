@@ -191,6 +191,7 @@ def check_manifest(m: Manifest) -> None:
     _check_model(m)
     _check_seq(m)
     _check_transforms(m)
+    _check_pooling(m)
 
 
 def _check_model(m: Manifest) -> None:
@@ -258,3 +259,10 @@ def _check_transforms(m: Manifest) -> None:
                 f"transforms.apply[{i}]: unknown transform {name!r}; known: {listed}{suggest(name, known)}",
                 key="transforms.apply",
             )
+
+
+def _check_pooling(m: Manifest) -> None:
+    """A known pooling name, or ``module:function`` whose module is found and defines a suitable function."""
+    from qbuild.pooling import check_method
+
+    check_method(m.pooling.method)

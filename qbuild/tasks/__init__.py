@@ -41,6 +41,11 @@ class Task:
         """Concrete values of the graph's symbolic dims: ``[{"name": ..., "symbols": {dim: int}}]``."""
         return []
 
+    def sample_inputs(self, m: Manifest, symbols: dict[str, int]) -> dict[str, Any] | None:
+        """Representative graph inputs (numpy arrays by input name) for one specialisation's symbol values;
+        a backend measures sessions with them. None: the task has none (nothing is measured)."""
+        return None
+
     def verify_params(self, m: Manifest) -> dict[str, Any]:
         v = m.verify
         return {"verify.atol": self.atol(m), "verify.seed": v.seed}
