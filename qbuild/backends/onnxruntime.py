@@ -152,7 +152,8 @@ def choose_session(model: Path, info: Mapping[str, Any], requested: str,
         return {**choice, "mode": "dynamic", "reason": "no specialisations"}
     if requested != "auto":
         return {**choice, "mode": requested, "reason": f"compile.session: {requested}"}
-    feeds = [sample_inputs(s["symbols"]) if sample_inputs else None for s in specs]
+    feeds = [(sample_inputs(s["symbols"]) if sample_inputs else None) or _generic_feed(info["inputs"], s["symbols"])
+             for s in specs]
     if any(f is None for f in feeds):
         return {**choice, "mode": "dynamic", "reason": "the task gives no sample inputs to measure with"}
     try:
@@ -165,6 +166,27 @@ def choose_session(model: Path, info: Mapping[str, Any], requested: str,
            f"fixed needs a gain of at least {FIXED_MIN_GAIN:.0%}")
     return {**choice, "mode": mode, "reason": why, "fixed_ms": round(fixed, 4), "dynamic_ms": round(dynamic, 4),
             "timings": rows}
+
+
+def _generic_feed(inputs: list[dict[str, Any]], symbols: Mapping[str, int]) -> dict[str, Any] | None:
+    """Inputs of the specialisation's shapes when the task gives none: zeros, and positions 0..n-1."""
+    import numpy as np
+
+    feed = {}
+    for i in inputs:
+        shape = [int(d) if d.isdigit() else symbols.get(d) for d in i["shape"]]
+        if any(d is None for d in shape):
+            return None
+        if i["type"] == "tensor(int64)":
+            value = np.zeros(shape, np.int64)
+            if i["name"] == "position_ids":
+                value[...] = np.arange(shape[-1])
+        elif i["type"] == "tensor(float)":
+            value = np.zeros(shape, np.float32)
+        else:
+            return None
+        feed[i["name"]] = value
+    return feed
 
 
 def _measure(model: Path, info: Mapping[str, Any], specs: list[dict[str, Any]],

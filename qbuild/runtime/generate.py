@@ -36,9 +36,11 @@ class KVRuntime:
 
     def __init__(self, compiled: Path, *, ctx_len: int, buckets: Sequence[int], num_threads: int | None = None,
                  session: Any = None) -> None:
-        from qbuild.backends.onnxruntime import open_session
+        from qbuild.backends.onnxruntime import open_sessions
 
-        self.session = session or open_session(compiled, num_threads)
+        self.sessions = open_sessions(compiled, num_threads)  # fixed-shape per specialisation, or dynamic
+        self.session = session or self.sessions.session_for({})
+        self._fixed = session is None and self.sessions.mode == "fixed"
         self.ctx_len, self.buckets = ctx_len, sorted(buckets)
         names = [i.name for i in self.session.get_inputs()]
         self.kv_inputs = [n for n in names if n.startswith(("past_key.", "past_value."))]
@@ -58,11 +60,21 @@ class KVRuntime:
         shape = (batch, self.kv_heads, self.ctx_len, self.head_dim)
         self._arrays = [[np.zeros(shape, np.float32) for _ in self.kv_inputs] for _ in range(2)]
         self._kv = [[ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] for arrays in self._arrays]
-        self._io = self.session.io_binding()
+        self._bindings: dict[int, tuple[Any, Any]] = {}
+
+    def _binding(self, batch: int, seq: int) -> tuple[Any, Any]:
+        """The session for this shape (its fixed-shape specialisation when compiled so) and its IOBinding."""
+        session = self.session
+        if self._fixed:
+            session = self.sessions.session_for({"batch_size": batch, "seq_len": seq, "ctx_len": self.ctx_len})
+        if id(session) not in self._bindings:
+            self._bindings[id(session)] = (session, session.io_binding())
+        return self._bindings[id(session)]
 
     def _step(self, ids: Any, pos: Any) -> Any:
         """One forward: logits [batch, 1, vocab]; the written caches become the next step's inputs."""
-        io, (kv_in, kv_out) = self._io, self._kv
+        session, io = self._binding(*ids.shape)
+        kv_in, kv_out = self._kv
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         io.bind_output("logits")
@@ -71,7 +83,7 @@ class KVRuntime:
         for name, cur, nxt in zip(self.kv_inputs, kv_in, kv_out, strict=True):
             io.bind_ortvalue_input(name, cur)
             io.bind_ortvalue_output(f"{name}_RetainedState", nxt)
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         self._kv.reverse()
         return io.get_outputs()[0].numpy()
 

@@ -86,3 +86,15 @@ def test_bucket_change_recompiles_without_reexport(tmp_path: Path) -> None:
     assert {s.name: s.state for s in p.stages} == {"load": "cached", "transform": "cached", "export": "cached",
                                                    "compile": "build"}
     assert p.stage("compile").reasons[0].startswith("specializations:")
+
+
+def test_fixed_shape_sessions_give_the_same_tokens(tmp_path: Path) -> None:
+    common = ["seq.lengths=[4,8]", "verify.enabled=false"]
+    dynamic = run(KV, [*common, "compile.session=dynamic"], prompts=[PROMPTS[1]], max_new_tokens=12,
+                  cache_dir=tmp_path)
+    fixed = run(KV, [*common, "compile.session=fixed"], prompts=[PROMPTS[1]], max_new_tokens=12, cache_dir=tmp_path)
+    assert fixed.tokens == dynamic.tokens and fixed.stats["prefill_chunks"] >= 3
+    auto = build(KV, common, cache_dir=tmp_path)
+    choice = json.loads((Path(auto.artifacts["compiled"]) / "session.json").read_text())["session"]
+    assert choice["mode"] in ("fixed", "dynamic") and choice["reason"].startswith("measured")
+    assert [t["name"] for t in choice["timings"]] == ["Prefill_0", "Prefill_1", "Decode"]
