@@ -201,8 +201,8 @@ def _measure(model: Path, info: Mapping[str, Any], specs: list[dict[str, Any]],
         try:
             for s in sessions.values():
                 s.run(None, dict(feed))  # warm-up
-            t0 = time.perf_counter()
-            while _more(len(times["fixed"]), time.perf_counter() - t0):
+            start = time.perf_counter()
+            while _more(len(times["fixed"]), time.perf_counter() - start):
                 for kind, s in sessions.items():
                     t0 = time.perf_counter()
                     s.run(None, dict(feed))
