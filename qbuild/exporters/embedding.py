@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qbuild.errors import ExportError, ManifestError
-from qbuild.exporters.causal_lm import (
+from qbuild.exporters.common import (
     DATA_FILE,
     MODEL_FILE,
-    _check_args,
-    _files,
-    _gather_external_data,
-    _one_line,
-    _quiet,
+    check_args,
+    example_inputs,
+    gather_external_data,
+    one_line,
+    output_files,
+    quiet,
 )
 from qbuild.pooling import Pooling, pooled_module
 
@@ -27,22 +28,10 @@ if TYPE_CHECKING:
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 DIMS = ("batch_size", "seq_len")
-#: example batch >= 2 (torch.export specialises size-1 dims); row 1 right-padded so the mask path is traced
-_EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 8
 
 
 def output_name(pooling: Pooling) -> str:
     return "token_embeddings" if pooling.method == "none" else "sentence_embedding"
-
-
-def example_inputs(vocab_size: int) -> tuple[Any, Any]:
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size, (_EXAMPLE_BATCH, _EXAMPLE_SEQ), generator=gen)
-    attention_mask = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.int64)
-    attention_mask[1, -3:] = 0
-    return input_ids, attention_mask
 
 
 def _trial(wrapper: Any, args: tuple[Any, ...], pooling: Pooling) -> tuple[int, ...]:
@@ -53,7 +42,7 @@ def _trial(wrapper: Any, args: tuple[Any, ...], pooling: Pooling) -> tuple[int, 
         with torch.no_grad():
             out = wrapper(*args)
     except Exception as exc:
-        raise ManifestError(f"pooling.method: {pooling.method} failed on a [2, 8] example: {_one_line(exc)}",
+        raise ManifestError(f"pooling.method: {pooling.method} failed on a [2, 8] example: {one_line(exc)}",
                             key="pooling.method") from exc
     rank = 3 if pooling.method == "none" else 2
     ok = isinstance(out, torch.Tensor) and out.dim() == rank and out.shape[0] == args[0].shape[0]
@@ -86,26 +75,26 @@ def export_embedding(model: torch.nn.Module, out_dir: Path, pooling: Pooling, *,
     """Export ``model`` + ``pooling`` to ``out_dir/model.onnx`` (+ ``.data``), checked with onnx.checker."""
     import onnx
 
-    _check_args(exporter, opset)
+    check_args(exporter, opset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path, output = out_dir / MODEL_FILE, output_name(pooling)
     wrapper = pooled_module(model, pooling)
     args = example_inputs(int(model.config.vocab_size))
     example_shape = _trial(wrapper, args, pooling)
-    before = _files(out_dir)
+    before = output_files(out_dir)
     try:
-        with _quiet():
+        with quiet():
             _export(wrapper, args, path, output, exporter, opset)
             if exporter == "legacy":
-                _gather_external_data(path, _files(out_dir) - before - {MODEL_FILE})
+                gather_external_data(path, output_files(out_dir) - before - {MODEL_FILE})
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ExportError(f"{exporter} export of the {pooling.method}-pooled encoder to {path} failed: "
-                          f"{_one_line(exc)}") from exc
+                          f"{one_line(exc)}") from exc
     return {
         "onnx": MODEL_FILE,
-        "files": sorted(_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})),
+        "files": sorted(output_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})),
         "inputs": list(INPUT_NAMES),
         "outputs": [output],
         "dims": list(DIMS),

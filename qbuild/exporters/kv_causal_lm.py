@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from qbuild.errors import ExportError
-from qbuild.exporters.causal_lm import (
+from qbuild.exporters.common import (
     DATA_FILE,
     MODEL_FILE,
-    _check_args,
-    _files,
-    _gather_external_data,
-    _one_line,
-    _quiet,
+    check_args,
+    gather_external_data,
+    one_line,
+    output_files,
+    quiet,
 )
 
 #: example prompt length traced (must differ from batch, heads and ctx_len so no dims get unified)
@@ -136,24 +136,24 @@ def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int,
     if not isinstance(model, KVCausalLM):
         raise ExportError("the kv causal-LM export needs the kv_cache transform",
                           hint="add kv_cache to transforms.apply (e.g. transforms=kv_cache)")
-    _check_args(exporter, opset)
+    check_args(exporter, opset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE
     names = io_names(model.kv_num_layers())
-    before = _files(out_dir)
+    before = output_files(out_dir)
     try:
-        with _quiet():
+        with quiet():
             wrapper, args = _wrapper(model, model.kv_num_layers()), example_inputs(model, batch_size, ctx_len)
             if exporter == "dynamo":
                 _export_dynamo(wrapper, args, path, opset, names)
             else:
                 _export_legacy(wrapper, args, path, opset, names)
-                _gather_external_data(path, _files(out_dir) - before - {MODEL_FILE})
+                gather_external_data(path, output_files(out_dir) - before - {MODEL_FILE})
             _finish(path, opset, int(model.config.vocab_size))
         onnx.checker.check_model(str(path))
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"{exporter} export to {path} failed: {_one_line(exc)}") from exc
-    return _describe(model, exporter, opset, sorted(_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})))
+        raise ExportError(f"{exporter} export to {path} failed: {one_line(exc)}") from exc
+    return _describe(model, exporter, opset, sorted(output_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})))

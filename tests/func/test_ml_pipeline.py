@@ -277,7 +277,7 @@ def test_per_tensor_external_data_is_gathered(tiny: dict, tmp_path: Path) -> Non
     import onnx
 
     from qbuild.backends.onnxruntime import compile_onnx, open_session
-    from qbuild.exporters.causal_lm import _gather_external_data
+    from qbuild.exporters.common import gather_external_data
     from qbuild.verify.causal_lm import verify_causal_lm
 
     proto = onnx.load(str(tiny["root"] / "export" / "model.onnx"))
@@ -290,7 +290,7 @@ def test_per_tensor_external_data_is_gathered(tiny: dict, tmp_path: Path) -> Non
     )
     extra = {p.name for p in tmp_path.iterdir()} - {"model.onnx"}
     assert len(extra) > 3
-    _gather_external_data(tmp_path / "model.onnx", extra)
+    gather_external_data(tmp_path / "model.onnx", extra)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     compile_onnx(tmp_path / "model.onnx", tmp_path / "ort", num_cores=1, graph_optimization="basic")
     report = verify_causal_lm(
