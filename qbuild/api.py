@@ -96,13 +96,13 @@ def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
 def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str], max_new_tokens: int,
               on_text: Callable[[int, str], None] | None) -> RunResult:
     from qbuild.models.tokenizer import load_tokenizer
-    from qbuild.runtime.generate import KVRuntime
+    from qbuild.runtime.generate import open_runtime
 
     m = composed.manifest
     assert result.tokenizer_dir is not None and result.model_dir is not None
     tok = load_tokenizer(Path(result.tokenizer_dir))
     ids = [tok(p)["input_ids"] for p in prompts]
-    rt = KVRuntime(Path(result.artifacts["compiled"]), ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
+    rt = open_runtime(Path(result.artifacts["compiled"]), ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
     streamed: list[list[int]] = [[] for _ in prompts]
     shown = [0] * len(prompts)  # characters of each row's text already passed to on_text
 

@@ -141,3 +141,12 @@ class KVRuntime:
             pos += 1
             steps += 1
         return Generation(out, t1 - t0, time.perf_counter() - t1, steps, chunks)
+
+
+def open_runtime(compiled: Path, *, ctx_len: int, buckets: Sequence[int], num_threads: int | None = None) -> KVRuntime:
+    """The runtime for a compiled artifact: a QPC (qaic backend) on the device, else ONNX Runtime."""
+    if (Path(compiled) / "qpc").is_dir():
+        from qbuild.runtime.qaic import QaicKVRuntime
+
+        return QaicKVRuntime(compiled)
+    return KVRuntime(compiled, ctx_len=ctx_len, buckets=buckets, num_threads=num_threads)

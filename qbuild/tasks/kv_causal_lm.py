@@ -41,7 +41,7 @@ class KVCausalLMTask(Task):
 
     def verify(self, ctx: StageContext, compiled: Path) -> dict[str, Any]:
         """Greedy tokens of the compiled artifact must equal HF ``generate(do_sample=False)``."""
-        from qbuild.runtime.generate import KVRuntime
+        from qbuild.runtime.generate import open_runtime
 
         m, v = ctx.manifest, ctx.manifest.verify
         tokenizer, hf = reference_model(ctx)
@@ -49,7 +49,7 @@ class KVCausalLMTask(Task):
         ctx.progress(f"HF generate: {len(prompts)} prompts x {v.max_new_tokens} tokens", None)
         expected = [hf_greedy(hf, ids, v.max_new_tokens, tokenizer) for ids in prompts]
         ctx.progress("generate with the compiled artifact", None)
-        runtime = KVRuntime(compiled, ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
+        runtime = open_runtime(compiled, ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
         generation = runtime.generate(prompts, v.max_new_tokens, hf.generation_config.eos_token_id)
         got = generation.tokens
         for text, want, have in zip(v.prompts, expected, got, strict=True):

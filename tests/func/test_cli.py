@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,15 @@ def test_options_may_stand_between_overrides(tmp_path: Path) -> None:
     assert out["stages"][3]["state"] == "build" and out["stages"][0]["reasons"] == ["no record"]
     assert plan(TINY, ["compile.num_cores=1", "verify.seq_len=8"], cache_dir=tmp_path).stage(
         "verify").key == out["stages"][4]["key"]
+
+
+def test_plan_explain_prints_the_exact_qaic_command(tmp_path: Path) -> None:
+    sdk = ROOT / "tests" / "fixtures" / "fake-sdk"
+    kv = ROOT / "manifests" / "tiny-llama-kv.yaml"
+    common = ["compile.backend=qaic", f"compile.qaic.sdk_dir={sdk}", "compile.mxfp6_matmul=true"]
+    before = run_qbuild("plan", str(kv), *common, "--explain", cache=tmp_path, check=True)
+    assert "-aic-hw" in before.stdout and "-mxfp6-matmul" in before.stdout and "-m=<onnx>" in before.stdout
+    run_qbuild(str(kv), *common, cache=tmp_path, check=True)  # export and (fake) compile
+    after = run_qbuild("plan", str(kv), *common, "--explain", "--json", cache=tmp_path, check=True)
+    command = json.loads(after.stdout)["explain"][0]
+    assert command.startswith("command: ") and f"-m={tmp_path}" in command and "-retained-state" in command
