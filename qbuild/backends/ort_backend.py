@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qbuild.backends import Backend
+from qbuild.backends import Backend, ort_quantize
 from qbuild.manifest.schema import Manifest
 
 if TYPE_CHECKING:
@@ -22,7 +22,8 @@ class OrtBackend(Backend):
         c = m.compile
         return {"compile.backend": self.name, "compile.num_cores": c.num_cores,
                 "compile.graph_optimization": c.graph_optimization, "compile.session": c.session,
-                "compile.quantize": c.quantize}
+                "compile.quantize": c.quantize,
+                **({"quantize_version": ort_quantize.VERSION} if c.quantize != "none" else {})}
 
     def explain(self, m: Manifest, task: Task) -> list[str]:
         c = m.compile

@@ -8,6 +8,8 @@ from typing import Any
 from qbuild.errors import CompileError
 
 INT4_BLOCK = 32
+#: bump when the quantisation recipe changes: it is part of the compile key
+VERSION = 2  # 2: int8 weights per output channel
 
 
 def quantize(onnx_path: Path, out_path: Path, mode: str) -> dict[str, Any]:
@@ -19,7 +21,7 @@ def quantize(onnx_path: Path, out_path: Path, mode: str) -> dict[str, Any]:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(onnx_path, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             use_external_data_format=True)
+                             per_channel=True, use_external_data_format=True)
         elif mode == "int4":
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
