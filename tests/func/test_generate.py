@@ -98,3 +98,25 @@ def test_fixed_shape_sessions_give_the_same_tokens(tmp_path: Path) -> None:
     choice = json.loads((Path(auto.artifacts["compiled"]) / "session.json").read_text())["session"]
     assert choice["mode"] in ("fixed", "dynamic") and choice["reason"].startswith("measured")
     assert [t["name"] for t in choice["timings"]] == ["Prefill_0", "Prefill_1", "Decode"]
+
+
+def test_verify_names_the_prompt_and_first_differing_token(tmp_path: Path) -> None:
+    """The compiled artifact (seed 0) checked against other weights (seed 1) must fail verify clearly."""
+    from qbuild.errors import VerifyError
+    from qbuild.manifest import compose
+    from qbuild.models.source import init_random
+    from qbuild.models.tokenizer import train_bpe
+    from qbuild.stages.base import Source, StageContext
+    from qbuild.store import Store
+    from qbuild.tasks import task_for
+
+    built = build(KV, ["verify.enabled=false"], cache_dir=tmp_path / "cache")
+    other = tmp_path / "other"
+    config = compose(KV).manifest.model.config
+    init_random("llama", dict(config), 1, "float32", other)
+    train_bpe(config["vocab_size"], other)
+    m = compose(KV, [f"model.path={other}", "~model.init", "~model.architecture", "~model.config", "~model.tokenizer",
+                     "verify.max_new_tokens=8"]).manifest
+    ctx = StageContext(m, Source("path", other), tmp_path / "out", {}, {}, Store(tmp_path / "cache"))
+    with pytest.raises(VerifyError, match=r"for prompt 'My name is' at new token \d+: expected \["):
+        task_for(m).verify(ctx, Path(built.artifacts["compiled"]))
