@@ -164,8 +164,10 @@ class Store:
             os.close(fd)
 
     def clean_staging(self) -> list[str]:
-        """Remove staging directories left by dead processes on this host."""
+        """Remove staging directories left by dead processes on this host, and discarded entries."""
         removed = []
+        for d in sorted((self.root / "trash").glob("*")):  # a replaced corrupt entry whose removal was cut short
+            remove_tree(d)
         for d in sorted((self.root / "staging").glob("*")):
             parts = d.name.split(".")
             if len(parts) < 4 or parts[-3] != self._host:

@@ -127,3 +127,13 @@ def test_bad_record_is_reported(tmp_path: Path, bad: str) -> None:
     rec.write_text(bad)
     entry, problem = store.lookup("export", KEY)
     assert entry is None and problem and ("unreadable" in problem or "does not match" in problem)
+
+
+def test_interrupted_discard_is_cleaned_up(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    _publish(store)
+    leftover = tmp_path / "trash" / f"{KEY}.deadbeef"
+    leftover.parent.mkdir()
+    os.rename(store.entry_path("export", KEY), leftover)  # as if killed between rename and rmtree
+    store.clean_staging()
+    assert not leftover.exists()
