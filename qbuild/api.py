@@ -89,6 +89,12 @@ def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
     if task_name(composed.manifest) != "causal_lm_kv":
         raise RunError(f"qbuild run generates with a KV-cache causal LM; {composed.source.name} builds task "
                        f"{task_name(composed.manifest)}", hint="add transforms=kv_cache (or use qbuild embed)")
+    from qbuild.backends import resolve_backend
+
+    backend, why = resolve_backend(composed.manifest)
+    if not backend.can_execute():  # say so before a long compile, not after it
+        raise RunError(f"qbuild run cannot execute a {backend.name} artifact on this machine; {why}",
+                       hint="build with `qbuild MANIFEST`, run where the runtime is; or use compile=onnxruntime")
     result = build(composed, cache_dir=cache, reporter=reporter)
     return _generate(composed, result, list(prompts), max_new_tokens, on_text)
 

@@ -120,3 +120,11 @@ def test_verify_names_the_prompt_and_first_differing_token(tmp_path: Path) -> No
     ctx = StageContext(m, Source("path", other), tmp_path / "out", {}, {}, Store(tmp_path / "cache"))
     with pytest.raises(VerifyError, match=r"for prompt 'My name is' at new token \d+: expected \["):
         task_for(m).verify(ctx, Path(built.artifacts["compiled"]))
+
+
+def test_run_refuses_an_artifact_it_cannot_execute_before_building(tmp_path: Path) -> None:
+    sdk = ROOT / "tests" / "fixtures" / "fake-sdk"  # a compiler but no qaicrt: the QPC cannot run here
+    proc = run_qbuild("run", str(KV), "compile.backend=qaic", f"compile.qaic.sdk_dir={sdk}", "--prompt", "Hi",
+                      cache=tmp_path / "cache")
+    assert proc.returncode == 9 and "cannot execute a qaic artifact" in proc.stderr
+    assert not (tmp_path / "cache" / "objects").exists()
