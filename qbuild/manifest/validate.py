@@ -266,3 +266,7 @@ def _check_pooling(m: Manifest) -> None:
     from qbuild.pooling import check_method
 
     check_method(m.pooling.method)
+    if m.model.task != "embedding" and (m.pooling.method not in ("auto", "none") or m.pooling.normalize):
+        raise ManifestError(
+            f"pooling.method: {m.pooling.method} pools encoder outputs, but model.task is {m.model.task}",
+            key="pooling.method", hint="set model.task=embedding for an encoder, or drop the pooling override")

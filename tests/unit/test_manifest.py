@@ -234,9 +234,11 @@ def test_unknown_group(tmp_path: Path) -> None:
 
 
 def test_group_not_in_defaults_list(tmp_path: Path) -> None:
-    manifest = write(tmp_path / "m.yaml", "defaults:\n  - model: tiny-llama\n")
+    manifest = write(tmp_path / "m.yaml", "defaults:\n  - model: tiny-bert\n")
     assert "+pooling=mean" in str(manifest_error(manifest, ["pooling=mean"]))
     assert compose(manifest, ["+pooling=mean"]).manifest.pooling.method == "mean"
+    llama = write(tmp_path / "l.yaml", "defaults:\n  - model: tiny-llama\n")
+    assert manifest_error(llama, ["+pooling=mean"]).key == "pooling.method"  # pooling a causal LM: an error
 
 
 def test_interpolation_error_names_the_key(tmp_path: Path) -> None:
