@@ -149,8 +149,8 @@ def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides
         raise ManifestError(f"model.task: qbuild embed needs an embedding model, not {m.model.task}",
                             key="model.task", hint="use an encoder manifest, e.g. manifests/minilm.yaml")
     backend, why = resolve_backend(m)
-    if not backend.can_execute() or backend.name != "onnxruntime":
-        raise PlanError(f"qbuild embed runs ONNX Runtime artifacts on this machine; {why}",
-                        hint="build with compile=onnxruntime")
+    if not backend.can_execute():  # say so before a long compile, not after it
+        raise PlanError(f"qbuild embed cannot execute a {backend.name} artifact on this machine; {why}",
+                        hint="build with `qbuild MANIFEST`, embed where the runtime is; or use compile=onnxruntime")
     result = build(composed, cache_dir=cache, reporter=reporter)
     return embed_build(composed, result, cache, texts, progress)

@@ -80,7 +80,12 @@ class Embedder:
                  vocab_size: int | None = None, num_threads: int | None = None) -> None:
         from qbuild.backends.onnxruntime import open_sessions
 
-        self.sessions = open_sessions(artifact_dir, num_threads)
+        if (Path(artifact_dir) / "qpc").is_dir():  # a Cloud AI 100 QPC: the same loop on the device
+            from qbuild.runtime.qaic import QpcSessions
+
+            self.sessions: Any = QpcSessions(artifact_dir)
+        else:
+            self.sessions = open_sessions(artifact_dir, num_threads)
         specs = self.sessions.specializations
         if not specs:
             raise PlanError(f"{artifact_dir} has no specialisations (not an embedding artifact)")

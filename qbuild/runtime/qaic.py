@@ -160,3 +160,21 @@ def embed(artifact_dir: Path, input_ids: Any, attention_mask: Any, *, device_ids
     out = session.run({"input_ids": np.pad(input_ids, pad), "attention_mask": np.pad(attention_mask, pad)})
     result = out[session.output_names[0]]
     return result[:, :n] if result.ndim == 3 and result.shape[1] == target else result  # token outputs: unpad
+
+
+class QpcSessions:
+    """An embedding QPC behind the interface ``Embedder`` uses for ONNX Runtime sessions (fixed shapes)."""
+
+    mode = "fixed"
+
+    def __init__(self, artifact_dir: Path, device_ids: Sequence[int] | None = None) -> None:
+        self.session = QpcSession(artifact_dir, device_ids)
+        self.specializations = [{"name": f"Embedding_{i}", "symbols": s}
+                                for i, s in enumerate(compiled_specializations(artifact_dir))]
+        self.info: dict[str, Any] = {"backend": "qaic", "intra_op_num_threads": None}
+
+    def session_for(self, symbols: dict[str, int]) -> QpcSessions:
+        return self  # one program holds every specialisation; the input shapes select it
+
+    def run(self, _names: Any, feed: dict[str, Any]) -> list[Any]:
+        return [self.session.run(feed)[self.session.output_names[0]]]

@@ -260,3 +260,20 @@ def test_device_runs_an_embedding_or_kv_qpc() -> None:
     if not qaicrt_available():
         pytest.skip("the Cloud AI 100 runtime (qaicrt) is not installed")
     pytest.skip("needs a real QPC from the SDK; run `qbuild <manifest> compile=qaic` on a Cloud AI 100 host")
+
+
+def test_embedding_qpc_goes_to_the_device_runtime(tmp_path: Path) -> None:
+    """An embedding QPC opens through qaicrt (absent here: a clear RunError), and `qbuild embed` says so first."""
+    from qbuild.errors import RunError
+    from qbuild.runtime.embed import Embedder
+
+    manifest = ROOT / "manifests" / "tiny-bert.yaml"
+    qaic = ["compile.backend=qaic", f"compile.qaic.sdk_dir={FAKE_SDK}"]
+    result = build(manifest, qaic, cache_dir=tmp_path / "cache")
+    compiled = Path(result.artifacts["compiled"])
+    assert (compiled / "qpc").is_dir() and (compiled / "specializations.json").is_file()
+    with pytest.raises(RunError, match="cannot import the Cloud AI 100 runtime"):
+        Embedder(compiled, Path(result.tokenizer_dir or ""))
+    proc = subprocess.run([sys.executable, "-m", "qbuild", "embed", str(manifest), *qaic, "--text", "hi"],
+                          capture_output=True, text=True, env={**os.environ, "QBUILD_CACHE": str(tmp_path / "c2")})
+    assert proc.returncode == 3 and "cannot execute a qaic artifact" in proc.stderr
