@@ -72,20 +72,24 @@ class Tokenizer:
         return [list(ids) for ids in self._auto(list(texts), **kw)["input_ids"]]
 
 
+def artifact_sessions(artifact_dir: Path, num_threads: int | None = None) -> Any:
+    """A compiled artifact's sessions: a Cloud AI 100 QPC through qaicrt, else ONNX Runtime's choice."""
+    if (Path(artifact_dir) / "qpc").is_dir():
+        from qbuild.runtime.qaic import QpcSessions
+
+        return QpcSessions(artifact_dir)
+    from qbuild.backends.onnxruntime import open_sessions
+
+    return open_sessions(artifact_dir, num_threads)
+
+
 class Embedder:
     """Embeddings from a compiled artifact: ``embed(texts)`` -> ``[N, hidden]`` (a list of ``[n_i, hidden]``
     token embeddings with ``pooling: none``)."""
 
     def __init__(self, artifact_dir: Path, tokenizer_dir: Path | None, *, overflow: str = "error",
                  vocab_size: int | None = None, num_threads: int | None = None) -> None:
-        from qbuild.backends.onnxruntime import open_sessions
-
-        if (Path(artifact_dir) / "qpc").is_dir():  # a Cloud AI 100 QPC: the same loop on the device
-            from qbuild.runtime.qaic import QpcSessions
-
-            self.sessions: Any = QpcSessions(artifact_dir)
-        else:
-            self.sessions = open_sessions(artifact_dir, num_threads)
+        self.sessions = artifact_sessions(artifact_dir, num_threads)
         specs = self.sessions.specializations
         if not specs:
             raise PlanError(f"{artifact_dir} has no specialisations (not an embedding artifact)")

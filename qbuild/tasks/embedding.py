@@ -85,14 +85,14 @@ class EmbeddingTask(Task):
         return {**super().verify_params(m), "verify.texts": list(m.verify.texts)}
 
     def verify(self, ctx: StageContext, compiled: Path) -> dict[str, Any]:
-        from qbuild.backends.onnxruntime import open_sessions
         from qbuild.pooling import Pooling, pooled_module
+        from qbuild.runtime.embed import artifact_sessions
 
         m, meta = ctx.manifest, ctx.inputs["export"].meta
         p = meta["pooling"]
         pooling = Pooling(p["method"], p["normalize"], p["origin"])
         reference = pooled_module(ctx.model(), pooling)
-        sessions = open_sessions(compiled)
+        sessions = artifact_sessions(compiled)
         ctx.progress("comparing ONNX Runtime with PyTorch in every bucket", None)
         rows = [self._check_bucket(reference, sessions, spec, m.verify.seed, meta["vocab_size"])
                 for spec in sessions.specializations]
