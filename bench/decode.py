@@ -37,7 +37,8 @@ def _overrides(a: argparse.Namespace, quantize: str) -> list[str]:
             f"model.config.intermediate_size={a.intermediate}", f"model.config.num_attention_heads={a.heads}",
             f"model.config.num_key_value_heads={a.kv_heads}", f"model.config.vocab_size={a.vocab}",
             "model.config.max_position_embeddings=512", "seq.lengths=[32]", "seq.ctx_len=256",
-            f"compile.num_cores={a.threads}", f"compile.quantize={quantize}", "verify.enabled=false"]
+            f"compile.onnxruntime.threads={a.threads}", f"compile.onnxruntime.quantize={quantize}",
+            "verify.enabled=false"]
 
 
 def qbuild_tok_s(a: argparse.Namespace, cache: Path, quantize: str) -> dict[str, float]:

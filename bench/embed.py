@@ -86,7 +86,7 @@ def main() -> None:
     print(f"  ratio {qps / sps:.2f}x (goal 2.0x); max abs diff vs sentence-transformers {diff:.2e}")
     quant = {}
     for mode in [q for q in args.quantize.split(",") if q]:  # real weights: accuracy is meaningful here
-        r = build(ROOT / "manifests" / "minilm.yaml", [*overrides, f"compile.quantize={mode}"],
+        r = build(ROOT / "manifests" / "minilm.yaml", [*overrides, f"compile.onnxruntime.quantize={mode}"],
                   cache_dir=args.cache_dir)
         e = Embedder(Path(r.artifacts["compiled"]), Path(r.tokenizer_dir or ""), overflow="truncate")
         t = timed(lambda e=e: e.embed(texts), args.repeat)

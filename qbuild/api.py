@@ -49,10 +49,18 @@ def build(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), 
     """Build what is missing from the cache and return the stages and artifacts."""
     cache = _cache(cache_dir)
     composed = _composed(manifest, overrides, cache, write=True)  # bad input fails before any write
+    return _build(composed, cache, reporter)
+
+
+def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *, execute_as: str = "") -> BuildResult:
+    """Plan and execute; with ``execute_as`` (a command name), first check that this machine can execute the
+    artifact, as its backend says for the options it will be compiled with (before a long compile)."""
     store = Store(cache)
     reporter = reporter or Reporter()
     try:
         the_plan = make_plan(composed, store)
+        if execute_as:
+            _check_executable(the_plan, execute_as)
         reporter.emit({"event": "plan", "notes": the_plan.notes,
                        "stages": [{"name": s.name, "key": s.key, "state": s.state, "reasons": s.reasons}
                                   for s in the_plan.stages]})
@@ -60,6 +68,18 @@ def build(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), 
     finally:
         store.close()
         reporter.close()
+
+
+def _check_executable(the_plan: Plan, command: str) -> None:
+    from qbuild.errors import CannotExecute
+
+    compiled = the_plan.stage("compile")
+    backend = compiled.stage.backend
+    ok, why = backend.can_execute(compiled.resolved.params)
+    if not ok:
+        raise CannotExecute(f"{command} cannot execute a {backend.name} artifact on this machine: {why}",
+                            hint=f"build with `qbuild MANIFEST` and {command} where the runtime is; "
+                                 "or use compile=onnxruntime")
 
 
 @dataclass
@@ -89,13 +109,7 @@ def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
     if task_name(composed.manifest) != "causal_lm_kv":
         raise RunError(f"qbuild run generates with a KV-cache causal LM; {composed.source.name} builds task "
                        f"{task_name(composed.manifest)}", hint="add transforms=kv_cache (or use qbuild embed)")
-    from qbuild.backends import resolve_backend
-
-    backend, why = resolve_backend(composed.manifest)
-    if not backend.can_execute():  # say so before a long compile, not after it
-        raise RunError(f"qbuild run cannot execute a {backend.name} artifact on this machine; {why}",
-                       hint="build with `qbuild MANIFEST`, run where the runtime is; or use compile=onnxruntime")
-    result = build(composed, cache_dir=cache, reporter=reporter)
+    result = _build(composed, cache, reporter, execute_as="qbuild run")
     return _generate(composed, result, list(prompts), max_new_tokens, on_text)
 
 
@@ -138,8 +152,7 @@ def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides
           cache_dir: PathLike | None = None, reporter: Reporter | None = None,
           progress: Callable[[int, int], None] | None = None) -> EmbedResult:
     """Build what is missing, then embed ``texts`` with the compiled artifact (``model.task: embedding``)."""
-    from qbuild.backends import resolve_backend
-    from qbuild.errors import ManifestError, PlanError
+    from qbuild.errors import ManifestError
     from qbuild.runtime.embed import embed_build
 
     cache = _cache(cache_dir)
@@ -148,9 +161,5 @@ def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides
     if m.model.task != "embedding":
         raise ManifestError(f"model.task: qbuild embed needs an embedding model, not {m.model.task}",
                             key="model.task", hint="use an encoder manifest, e.g. manifests/minilm.yaml")
-    backend, why = resolve_backend(m)
-    if not backend.can_execute():  # say so before a long compile, not after it
-        raise PlanError(f"qbuild embed cannot execute a {backend.name} artifact on this machine; {why}",
-                        hint="build with `qbuild MANIFEST`, embed where the runtime is; or use compile=onnxruntime")
-    result = build(composed, cache_dir=cache, reporter=reporter)
+    result = _build(composed, cache, reporter, execute_as="qbuild embed")
     return embed_build(composed, result, cache, texts, progress)

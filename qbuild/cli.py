@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Declarative, incremental builds of transformers for "
                                             "Cloud AI 100 and ONNX Runtime.")
     p.add_argument("manifest", help="manifest file (.yaml or .toml), in any directory")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides: compile.num_cores=8 model=tiny-llama")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: compile.onnxruntime.threads=8 model=tiny-llama")
     p.add_argument("--json", action="store_true", help="JSON-lines events and a final summary object")
     p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
     p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
@@ -91,15 +91,17 @@ def _plan(ns: argparse.Namespace) -> int:
 
 
 def _explain(p: Any) -> list[str]:
-    """The compile stage's exact command (qaic: with the cached export's path when there is one)."""
-    import shlex
-
-    compile_stage, export = p.stage("compile").stage, p.stage("export")
-    backend, task, m = compile_stage.backend, compile_stage.task, p.composed.manifest
-    if export.entry is not None and hasattr(backend, "plan_command"):
-        onnx = export.entry.out / export.entry.meta["onnx"]
-        return ["command: " + shlex.join(backend.plan_command(m, task, onnx))]
-    return backend.explain(m, task)
+    """Each stage's settings, printed from the params its run() gets; the compile stage's exact command
+    (qaic: with the cached export's path when there is one)."""
+    export = p.stage("export")
+    lines: list[str] = []
+    for s in p.stages:
+        if s.name == "compile":
+            onnx = export.entry.out / export.entry.meta["onnx"] if export.entry is not None else None
+            lines += s.stage.backend.describe(s.resolved.params, onnx)
+        else:
+            lines += s.stage.describe(s.resolved.params)
+    return lines
 
 
 def _build(ns: argparse.Namespace) -> int:

@@ -105,4 +105,16 @@ class RunError(QBuildError):
     exit_code = 9
 
 
+class CannotExecute(RunError):
+    """This machine cannot run the artifact of this backend (its runtime is missing here)."""
+
+
 EXIT_INTERRUPTED = 130
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception (with the next line when the first ends in a colon), at most
+    300 characters: the cause inside a qbuild error message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text}"[:300]

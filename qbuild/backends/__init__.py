@@ -1,7 +1,10 @@
-"""Compile backends: turn an exported ONNX model into a runnable artifact.
+"""Compile backends: turn an exported ONNX model into a runnable artifact, and open it again.
 
-One contract (``Backend``); a table of names resolved lazily; ``resolve_backend`` picks one for a
-manifest and says why. Heavy imports happen only inside ``compile``.
+One contract (:class:`Backend`) covers the whole artifact lifecycle: resolve the manifest (its own
+``compile.<backend>`` group, the task, the machine) into frozen options, compile with those options,
+say whether this machine can execute an artifact built with them, and open an artifact. A table of
+names resolved lazily; :func:`resolve_backend` picks one for a manifest and says why. Heavy imports
+happen only inside ``compile`` and ``open``.
 """
 
 from __future__ import annotations
@@ -13,43 +16,65 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from qbuild.manifest.schema import Manifest
 
 if TYPE_CHECKING:
+    from qbuild.runtime import Artifact
     from qbuild.stages.base import StageContext
+    from qbuild.store import StatCache
     from qbuild.tasks import Task
 
 _BACKENDS = {
-    "onnxruntime": "qbuild.backends.ort_backend:OrtBackend",
+    "onnxruntime": "qbuild.backends.onnxruntime:OrtBackend",
     "qaic": "qbuild.backends.qaic:QaicBackend",
 }
 
 
 class Backend:
-    """Given an ONNX artifact and compile params, produce a compiled artifact directory."""
+    """Given an ONNX artifact and resolved options, produce a compiled artifact directory; open it."""
 
     name: ClassVar[str]
+    #: installed packages whose versions shape the artifact
     tools: ClassVar[tuple[str, ...]]
+    #: qbuild source files (globs relative to the package) of this backend's recipe
+    code: ClassVar[tuple[str, ...]]
 
-    def params(self, m: Manifest, task: Task) -> dict[str, Any]:
-        """Every manifest value this backend's output depends on, by dotted key."""
+    def available(self, m: Manifest) -> tuple[bool, str]:
+        """(usable to compile on this machine, why), for ``compile.backend: auto``."""
+        return True, f"{self.name} is always available"
+
+    def resolve(self, m: Manifest, task: Task, stats: StatCache) -> Any:
+        """The frozen options ``compile`` runs on: this backend's settings, ``specializations``, machine facts."""
         raise NotImplementedError
 
-    def fingerprint(self, m: Manifest) -> dict[str, str]:
+    def fingerprint(self, options: Any) -> dict[str, str]:
         """Versions of external tools beyond ``tools`` (e.g. the compiler SDK)."""
         return {}
 
-    def explain(self, m: Manifest, task: Task) -> list[str]:
-        """Lines for ``qbuild plan``: the exact command or configuration that would run."""
+    def describe(self, options: Any, onnx: Path | None = None) -> list[str]:
+        """Lines for ``qbuild plan --explain``: the exact command or configuration that would run
+        (``onnx``: the exported graph, when it exists already)."""
         return []
 
-    def can_execute(self) -> bool:
-        """Whether this machine can run the compiled artifact (verify, generate, embed)."""
-        return True
+    def can_execute(self, options: Any) -> tuple[bool, str]:
+        """(whether this machine can run an artifact built with ``options``, why)."""
+        return True, "runs here"
 
-    def compile(self, ctx: StageContext, onnx: Path, task: Task) -> dict[str, Any]:
-        """Compile ``onnx`` into ``ctx.out``; return JSON meta."""
+    def inexact(self, options: Any) -> str | None:
+        """Why outputs differ from PyTorch by design (so verify is skipped), or None."""
+        return None
+
+    def compile(self, options: Any, onnx: Path, export: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+        """Compile ``onnx`` (``export``: the export stage's meta) into ``ctx.out``; return JSON meta."""
+        raise NotImplementedError
+
+    def open(self, directory: Path, *, threads: int | None = None) -> Artifact:
+        """Open an artifact this backend compiled."""
         raise NotImplementedError
 
 
 def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        from qbuild.errors import RunError
+
+        raise RunError(f"unknown backend {name!r}; known: {', '.join(sorted(_BACKENDS))}")
     module, _, cls = _BACKENDS[name].partition(":")
     return getattr(importlib.import_module(module), cls)()
 
@@ -60,7 +85,7 @@ def resolve_backend(m: Manifest) -> tuple[Backend, str]:
     if wanted == "onnxruntime":
         return get_backend("onnxruntime"), "compile.backend: onnxruntime"
     qaic = get_backend("qaic")
-    found, why = qaic.available(m)  # type: ignore[attr-defined]
+    found, why = qaic.available(m)
     if wanted == "auto":
         if found:
             return qaic, f"compile.backend: auto -> qaic ({why})"

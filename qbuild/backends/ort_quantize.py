@@ -29,11 +29,11 @@ def quantize(onnx_path: Path, out_path: Path, mode: str) -> dict[str, Any]:
             q.process()
             q.model.save_model_to_file(str(out_path), use_external_data_format=True)
         else:
-            raise CompileError(f"compile.quantize: unknown mode {mode!r}; choose none, int8 or int4")
+            raise CompileError(f"compile.onnxruntime.quantize: unknown mode {mode!r}; choose none, int8 or int4")
     except CompileError:
         raise
     except Exception as exc:
-        raise CompileError(f"compile.quantize={mode}: quantising {onnx_path} failed: "
+        raise CompileError(f"compile.onnxruntime.quantize={mode}: quantising {onnx_path} failed: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     model = onnx.load(str(out_path), load_external_data=False)
     ops = sorted({n.op_type for n in model.graph.node})

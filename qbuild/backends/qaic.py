@@ -12,6 +12,7 @@ import json
 import shlex
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,19 +21,16 @@ from qbuild.backends.qaic_command import QaicOptions
 from qbuild.backends.qaic_sdk import Sdk, sdk_dir
 from qbuild.errors import CompileError, PlanError
 from qbuild.manifest.schema import Manifest
+from qbuild.plan.params import unkeyed
 
 if TYPE_CHECKING:
+    from qbuild.runtime import Artifact
     from qbuild.stages.base import StageContext
+    from qbuild.store import StatCache
     from qbuild.tasks import Task
 
 __all__ = ["QaicBackend", "sdk_dir"]
-#: tasks whose graph carries a retained-state KV cache (``-retained-state`` and custom_io.yaml)
-RETAINED_STATE_TASKS = ("causal_lm_kv",)
 PLACEHOLDERS = {"<onnx>": "the export stage's ONNX file", "<out>": "the compile artifact directory"}
-
-
-def retained_state(task: Task) -> bool:
-    return bool(getattr(task, "retained_state", task.name in RETAINED_STATE_TASKS))
 
 
 def onnx_io(path: Path) -> tuple[list[str], bool]:
@@ -50,67 +48,70 @@ def _describe(sdk: Sdk) -> str:
     return f"{sdk.kind} at {sdk.compiler}" + (f" ({versions})" if versions else " (no SDK version files)")
 
 
+@dataclass(frozen=True)
+class QaicParams:
+    """What a qaic compile runs on: the compiler options, the SDK found, the specialisations."""
+
+    options: QaicOptions
+    sdk: Sdk
+    specializations: tuple[dict[str, Any], ...]
+    node_precision_sha256: str | None  # the node-precision file's content (its path is not keyed)
+    hw_why: str = unkeyed("", why="how the hardware version was found; the version itself is keyed")
+    timeout_s: int = unkeyed(7200, why="a limit on the compiler's run time, not an input to it")
+
+
 class QaicBackend(Backend):
     name = "qaic"
-    tools = ("qbuild", "onnx")
-
-    # --- discovery -----------------------------------------------------------------------------
-
-    def compiler(self, m: Manifest) -> Path | None:
-        """The compiler: ``compile.qaic.compiler`` or the SDK's qaic-compile / qaic-exec."""
-        return qaic_sdk.find_compiler(m)
+    tools = ("onnx",)
+    code = ("backends/qaic.py", "backends/qaic_command.py", "backends/qaic_sdk.py", "backends/qaic_run.py",
+            "runtime/qaic.py")
 
     def available(self, m: Manifest) -> tuple[bool, str]:
-        """(found, why) for ``resolve_backend``."""
         sdk = qaic_sdk.discover(m)
         if sdk is not None:
             return True, f"Cloud AI 100 compiler found: {_describe(sdk)}"
         return False, f"no Cloud AI 100 compiler found; {qaic_sdk.looked_for(m)}"
 
-    def sdk(self, m: Manifest) -> Sdk:
+    def resolve(self, m: Manifest, task: Task, stats: StatCache) -> QaicParams:
         sdk = qaic_sdk.discover(m)
         if sdk is None:
             raise PlanError(f"compile.backend: qaic needs the Cloud AI 100 SDK; no Cloud AI 100 compiler found; "
                             f"{qaic_sdk.looked_for(m)}",
                             hint="install the SDK or set compile.qaic.compiler / QAIC_SDK_DIR; "
                                  "to build for CPU use compile=onnxruntime")
-        return sdk
+        hw, hw_why = qaic_sdk.hw_version(m, sdk)
+        o = qaic_command.options(m, sdk=sdk, hw_version=hw, spec_format=qaic_sdk.specializations_format(m, sdk),
+                                 retained_state=task.retained_state)
+        npi = qaic_command.node_precision_digest(o.node_precision_info) if o.node_precision_info else None
+        return QaicParams(o, sdk, tuple(task.specializations(m)), npi, hw_why, m.compile.qaic.timeout_s)
 
-    def options(self, m: Manifest, task: Task) -> QaicOptions:
-        """The resolved compiler options for this manifest on this machine."""
-        sdk = self.sdk(m)
-        hw, _why = qaic_sdk.hw_version(m, sdk)
-        return qaic_command.options(m, sdk=sdk, hw_version=hw, spec_format=qaic_sdk.specializations_format(m, sdk),
-                                    retained_state=retained_state(task))
+    def fingerprint(self, p: QaicParams) -> dict[str, str]:
+        return qaic_sdk.fingerprint(p.sdk)
 
-    # --- the Backend contract --------------------------------------------------------------------
-
-    def params(self, m: Manifest, task: Task) -> dict[str, Any]:
-        return qaic_command.key_params(m, self.options(m, task))
-
-    def fingerprint(self, m: Manifest) -> dict[str, str]:
-        return qaic_sdk.fingerprint(self.sdk(m))
-
-    def can_execute(self) -> bool:
+    def can_execute(self, p: QaicParams) -> tuple[bool, str]:
         from qbuild.runtime.qaic import qaicrt_available
 
-        return qaicrt_available()
+        if qaicrt_available(p.sdk.root):
+            return True, "the Cloud AI 100 runtime (qaicrt) is installed"
+        return False, f"no Cloud AI 100 runtime (qaicrt) under {p.sdk.root or qaic_sdk.DEFAULT_SDK_DIR}"
 
-    def plan_command(self, m: Manifest, task: Task, onnx_path: Path | None = None) -> list[str]:
-        """The command that would run; with an existing ``onnx_path`` its functions and KV names are read."""
-        o = self.options(m, task)
-        if onnx_path is None or not Path(onnx_path).is_file():
+    def command(self, p: QaicParams, onnx: Path | None = None) -> list[str]:
+        """The command that would run; with an existing ``onnx`` its functions and KV names are read."""
+        o = p.options
+        if onnx is None or not Path(onnx).is_file():
             return qaic_command.argv(o)
-        names, functions = onnx_io(Path(onnx_path))
-        files = qaic_command.side_files(o, task.specializations(m), names)
-        return qaic_command.argv(o, onnx=str(onnx_path), sub_functions=functions,
+        names, functions = onnx_io(Path(onnx))
+        files = qaic_command.side_files(o, list(p.specializations), names)
+        return qaic_command.argv(o, onnx=str(onnx), sub_functions=functions,
                                  custom_io=qaic_command.CUSTOM_IO_FILE in files)
 
-    def explain(self, m: Manifest, task: Task) -> list[str]:
-        sdk, o = self.sdk(m), self.options(m, task)
-        _hw, hw_why = qaic_sdk.hw_version(m, sdk)
-        specs = "; ".join(f"{s['name']} {json.dumps(s['symbols'])}" for s in task.specializations(m))
-        lines = [f"qaic: {_describe(sdk)}; -aic-hw-version={o.hw_version} ({hw_why})",
+    def describe(self, p: QaicParams, onnx: Path | None = None) -> list[str]:
+        o = p.options
+        if onnx is not None and Path(onnx).is_file():
+            return [f"qaic: {_describe(p.sdk)}; -aic-hw-version={o.hw_version} ({p.hw_why})",
+                    "command: " + shlex.join(self.command(p, onnx))]
+        specs = "; ".join(f"{s['name']} {json.dumps(s['symbols'])}" for s in p.specializations)
+        lines = [f"qaic: {_describe(p.sdk)}; -aic-hw-version={o.hw_version} ({p.hw_why})",
                  "  " + shlex.join(qaic_command.argv(o)),
                  "  " + "; ".join(f"{k}: {v}" for k, v in PLACEHOLDERS.items()),
                  f"  specializations.json ({o.spec_format}): {specs}"]
@@ -119,21 +120,19 @@ class QaicBackend(Backend):
         lines.append("  -sub-functions is added when the exported ONNX holds functions")
         return lines
 
-    def compile(self, ctx: StageContext, onnx: Path, task: Task) -> dict[str, Any]:
-        m = ctx.manifest
-        sdk, o = self.sdk(m), self.options(m, task)
+    def compile(self, p: QaicParams, onnx: Path, export: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+        sdk, o, specs = p.sdk, p.options, list(p.specializations)
         ctx.progress("reading the ONNX graph's inputs and outputs", None)
         names, functions = onnx_io(onnx)
-        files = write_side_files(ctx.out, o, task.specializations(m), names)
+        files = write_side_files(ctx.out, o, specs, names)
         has_io = qaic_command.CUSTOM_IO_FILE in files
         template = qaic_command.argv(o, sub_functions=functions, custom_io=has_io)
         cmd = qaic_command.argv(o, onnx=str(onnx), out=str(ctx.out), sub_functions=functions, custom_io=has_io)
         (ctx.out / "command.txt").write_text(
             f"# <onnx> = {onnx}\n# <out> = this directory\n{shlex.join(template)}\n", encoding="utf-8")
-        ctx.progress(f"{sdk.kind}: compiling for {o.hw_version} ({len(task.specializations(m))} specialisations)",
-                     None)
+        ctx.progress(f"{sdk.kind}: compiling for {o.hw_version} ({len(specs)} specialisations)", None)
         try:
-            seconds = _run(ctx, cmd)
+            seconds = _run(ctx, cmd, p.timeout_s)
         except CompileError as exc:
             _keep_log(ctx, exc)
             raise
@@ -144,6 +143,11 @@ class QaicBackend(Backend):
         return {"backend": "qaic", "sdk": _sdk_record(sdk), "aic_hw_version": o.hw_version,
                 "specializations_format": o.spec_format, "command": template, "qpc": qaic_command.QPC_DIR,
                 "compile_seconds": round(seconds, 3), "files": sorted([*files, "command.txt", "command.json"])}
+
+    def open(self, directory: Path, *, threads: int | None = None) -> Artifact:
+        from qbuild.runtime.qaic import QpcArtifact
+
+        return QpcArtifact(directory)
 
 
 def write_side_files(out: Path, o: QaicOptions, specs: list[dict[str, Any]], io_names: list[str]) -> dict[str, str]:
@@ -158,10 +162,10 @@ def write_side_files(out: Path, o: QaicOptions, specs: list[dict[str, Any]], io_
     return files
 
 
-def _run(ctx: StageContext, cmd: list[str]) -> float:
+def _run(ctx: StageContext, cmd: list[str], timeout_s: int) -> float:
     from qbuild.backends.qaic_run import run_compiler
 
-    return run_compiler(cmd, log_path=ctx.out / "compile.log", timeout_s=ctx.manifest.compile.qaic.timeout_s,
+    return run_compiler(cmd, log_path=ctx.out / "compile.log", timeout_s=timeout_s,
                         progress=ctx.progress)
 
 

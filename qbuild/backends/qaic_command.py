@@ -21,6 +21,7 @@ from typing import Any
 from qbuild.backends.qaic_sdk import Sdk
 from qbuild.errors import ManifestError
 from qbuild.manifest.schema import Manifest
+from qbuild.plan.params import unkeyed
 
 SPECIALIZATIONS_FILE = "specializations.json"
 CUSTOM_IO_FILE = "custom_io.yaml"
@@ -33,12 +34,13 @@ KV_PRECISION = {"float32": "float16", "float16": "float16", "bfloat16": "bfloat1
 MANAGED_FLAGS = {
     "aic-hw": "compile.backend", "aic-hw-version": "compile.qaic.aic_hw_version", "m": "the export stage",
     "retained-state": "the task (transforms: [kv_cache])", "convert-to-fp16": "compile.qaic.convert_to_fp16",
-    "mxfp6-matmul": "compile.mxfp6_matmul", "aic-num-cores": "compile.num_cores", "mos": "compile.qaic.mos",
+    "mxfp6-matmul": "compile.qaic.mxfp6_matmul", "aic-num-cores": "compile.qaic.num_cores",
+    "mos": "compile.qaic.mos",
     "aic-enable-depth-first": "compile.qaic.aic_enable_depth_first", "ols": "compile.qaic.ols",
     "node-precision-info": "compile.qaic.node_precision_info", "sub-functions": "the export (ONNX functions)",
     "network-specialization-config": "seq.lengths / seq.ctx_len / seq.batch_size",
-    "custom-IO-list-file": "compile.mxint8_kv_cache / model.dtype",
-    "mdp-load-partition-config": "compile.num_devices", "aic-binary-dir": "the cache",
+    "custom-IO-list-file": "compile.qaic.mxint8_kv_cache / model.dtype",
+    "mdp-load-partition-config": "compile.qaic.num_devices", "aic-binary-dir": "the cache",
     "compile-only": "the compiler kind (qaic-exec)",
 }
 _FLAG = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -49,7 +51,7 @@ _KV_INPUT = re.compile(r"^past_(key|value)\.(\d+)$")
 class QaicOptions:
     """Everything the command and the side files depend on, resolved from the manifest and the SDK."""
 
-    compiler: str
+    compiler: str = unkeyed(why="where the compiler lies; the SDK's versions are keyed")
     kind: str  # "qaic-compile" | "qaic-exec"
     hw_version: str  # "ai100" | "ai200"
     retained_state: bool
@@ -60,7 +62,7 @@ class QaicOptions:
     mos: int | None
     depth_first: bool
     ols: int | None
-    node_precision_info: str | None  # the manifest's path (copied into the artifact)
+    node_precision_info: str | None = unkeyed(why="the file's path; its content's sha256 is keyed")
     extra_flags: tuple[tuple[str, Any], ...]  # sorted by flag name
     spec_format: str  # "named" | "flat"
     kv_precision: str | None  # custom_io.yaml precision; None: no custom_io.yaml
@@ -84,16 +86,16 @@ def extra_flags(m: Manifest) -> tuple[tuple[str, Any], ...]:
 
 def options(m: Manifest, *, sdk: Sdk, hw_version: str, spec_format: str, retained_state: bool) -> QaicOptions:
     """Resolve the manifest into :class:`QaicOptions` (pure; the SDK facts are passed in)."""
-    c, q, dtype = m.compile, m.compile.qaic, m.model.dtype
+    q, dtype = m.compile.qaic, m.model.dtype
     kv = None
     if retained_state:
-        kv = "mxint8" if c.mxint8_kv_cache else KV_PRECISION[dtype]
+        kv = "mxint8" if q.mxint8_kv_cache else KV_PRECISION[dtype]
         if kv == "bfloat16" and dtype == "bfloat16":
             kv = None  # model and KV both bf16: QEfficient passes no custom-IO file
     return QaicOptions(
         compiler=sdk.compiler, kind=sdk.kind, hw_version=hw_version, retained_state=retained_state,
-        convert_to_fp16=q.convert_to_fp16 and KV_PRECISION[dtype] == "float16", mxfp6_matmul=c.mxfp6_matmul,
-        num_cores=c.num_cores, num_devices=c.num_devices, mos=q.mos, depth_first=q.aic_enable_depth_first,
+        convert_to_fp16=q.convert_to_fp16 and KV_PRECISION[dtype] == "float16", mxfp6_matmul=q.mxfp6_matmul,
+        num_cores=q.num_cores, num_devices=q.num_devices, mos=q.mos, depth_first=q.aic_enable_depth_first,
         ols=q.ols, node_precision_info=q.node_precision_info, extra_flags=extra_flags(m),
         spec_format=spec_format, kv_precision=kv)
 
@@ -199,14 +201,14 @@ def node_precision_digest(path: str) -> str:
 
 def key_params(m: Manifest, o: QaicOptions) -> dict[str, Any]:
     """Every value that changes the command or a side file, by manifest key (no paths, no SDK facts)."""
-    c = m.compile
+    q = m.compile.qaic
     params: dict[str, Any] = {
         "compile.backend": "qaic",
         "compile.qaic.aic_hw_version": o.hw_version,
         "compile.qaic.convert_to_fp16": o.convert_to_fp16,
-        "compile.mxfp6_matmul": o.mxfp6_matmul,
-        "compile.num_cores": o.num_cores,
-        "compile.num_devices": o.num_devices,
+        "compile.qaic.mxfp6_matmul": o.mxfp6_matmul,
+        "compile.qaic.num_cores": o.num_cores,
+        "compile.qaic.num_devices": o.num_devices,
         "compile.qaic.mos": o.mos,
         "compile.qaic.aic_enable_depth_first": o.depth_first,
         "compile.qaic.ols": o.ols,
@@ -216,5 +218,5 @@ def key_params(m: Manifest, o: QaicOptions) -> dict[str, Any]:
         "compile.qaic.specializations_format": o.spec_format,
     }
     if o.retained_state:
-        params["compile.mxint8_kv_cache"] = c.mxint8_kv_cache
+        params["compile.qaic.mxint8_kv_cache"] = q.mxint8_kv_cache
     return params

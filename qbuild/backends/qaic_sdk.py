@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 from qbuild.manifest.schema import Manifest
+from qbuild.plan.params import unkeyed
 
 DEFAULT_SDK_DIR = "/opt/qti-aic"
 COMPILERS = ("qaic-compile", "qaic-exec")
@@ -31,15 +32,18 @@ DEFAULT_HW_VERSION = "ai100"
 NAMED_SPECIALIZATIONS_MIN_SDK = (1, 21)
 
 
+_FINGERPRINTED = "in the compile key as tool versions (fingerprint())"
+
+
 @dataclass(frozen=True)
 class Sdk:
     """What was found: the compiler, its kind (qaic-compile / qaic-exec) and the SDK versions."""
 
-    compiler: str
-    kind: str
-    apps_version: str | None = None
-    platform_version: str | None = None
-    root: str | None = None
+    compiler: str = unkeyed(why="where the compiler lies; its kind, SDK versions (or digest) are keyed")
+    kind: str = unkeyed("qaic-compile", why=_FINGERPRINTED)
+    apps_version: str | None = unkeyed(None, why=_FINGERPRINTED)
+    platform_version: str | None = unkeyed(None, why=_FINGERPRINTED)
+    root: str | None = unkeyed(None, why="where the SDK lies")
 
 
 def sdk_dir(m: Manifest) -> Path:
@@ -96,7 +100,16 @@ def _version_root(m: Manifest, compiler: Path) -> Path:
 
 
 def discover(m: Manifest) -> Sdk | None:
-    """The SDK this manifest would compile with, or None."""
+    """The SDK this manifest would compile with, or None (found once per process and setting)."""
+    q = m.compile.qaic
+    return _discover(q.compiler, q.sdk_dir, os.environ.get("QAIC_SDK_DIR"))
+
+
+@cache
+def _discover(compiler_setting: str | None, sdk_setting: str | None, env_dir: str | None) -> Sdk | None:
+    from qbuild.manifest.schema import CompileSpec, QaicSpec
+
+    m = Manifest(compile=CompileSpec(qaic=QaicSpec(compiler=compiler_setting, sdk_dir=sdk_setting)))
     compiler = find_compiler(m)
     if compiler is None:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qbuild import errors
@@ -14,7 +15,7 @@ from qbuild.store import Entry, Store
 from qbuild.store.store import remove_tree
 
 _STAGE_ERRORS: dict[str, type[errors.StageError]] = {
-    "load": errors.LoadError, "transform": errors.TransformError, "export": errors.ExportError,
+    "load": errors.LoadError, "export": errors.ExportError,
     "compile": errors.CompileError, "verify": errors.VerifyError,
 }
 
@@ -59,11 +60,13 @@ def execute(plan: Plan, store: Store, reporter: Reporter) -> BuildResult:
         for name, rel in entry.meta.get("artifacts", {}).items():
             result.artifacts[name] = str((entry.out / rel).resolve())
         if not store.readonly and history["stages"].get(sp.name, {}).get("key") != sp.key:
-            history["stages"][sp.name] = {"key": sp.key, "identity": sp.identity}
+            history["stages"][sp.name] = {"key": sp.key, "identity": sp.identity, "reads": sp.reads}
             store.write_history(plan.manifest_id, history)
-    model_dir = plan.source.directory or entries["load"].out / "model"
+    load = plan.stage("load").resolved.params
+    model_dir = Path(load.model.directory) if load.model.directory else entries["load"].out / "model"
     result.model_dir = str(model_dir)
-    result.tokenizer_dir = str(plan.source.tokenizer or model_dir)
+    tok = load.tokenizer
+    result.tokenizer_dir = str(tok.directory if tok.kind == "directory" else model_dir)
     result.seconds = time.monotonic() - t_build
     reporter.emit({"event": "summary", **result.summary()})
     return result
@@ -79,12 +82,12 @@ def _build(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], m
         if entry is not None:  # another process built it while we waited
             return entry, "cached"
         staging = store.new_staging(sp.key)
-        ctx = StageContext(plan.composed.manifest, plan.source, staging / "out", dict(entries), memo, store,
+        ctx = StageContext(staging / "out", dict(entries), memo, store, dict(sp.resolved.sources),
                            lambda msg, frac: reporter.emit({"event": "progress", "stage": sp.name,
                                                             "message": msg, "fraction": frac}))
         t0 = time.monotonic()
         try:
-            meta = sp.stage.run(ctx)
+            meta = sp.stage.run(sp.resolved.params, ctx)
         except BaseException as exc:
             remove_tree(staging)
             reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,

@@ -24,7 +24,7 @@ from typing import Any, get_type_hints
 from qbuild.errors import ManifestError
 from qbuild.manifest import memo
 from qbuild.manifest.schema import Manifest
-from qbuild.manifest.validate import suggest, to_manifest
+from qbuild.manifest.validate import moved_key_error, suggest, to_manifest
 
 SHIPPED_CONF = "pkg://qbuild.conf"
 _PLUGIN = "hydra_plugins.qbuild_searchpath.QBuildSearchPathPlugin"
@@ -216,7 +216,8 @@ def _compose_locked(path: Path, data: dict[str, Any] | None, overrides: list[str
             except ManifestError:
                 raise
             except Exception as e:
-                raise _translate(e, path, loader) from None
+                err = _translate(e, path, loader)
+                raise (moved_key_error(err.key) if err.key else None) or err from None
     finally:
         if data is not None:
             ConfigStore.instance().repo.pop(f"{config_name}.yaml", None)

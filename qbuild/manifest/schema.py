@@ -87,21 +87,29 @@ class QaicSpec:
     extra_flags: dict[str, Any] = _f(factory=dict, help="extra compiler flags by name: true -> -flag, a value -> "
                                                         "-flag=value, false -> omitted; e.g. {aic-perf-metrics: true}")
     timeout_s: int = _f(7200, min=1)
+    num_cores: int = _f(16, min=1, max=64, help="-aic-num-cores: NSP cores per device")
+    mxfp6_matmul: bool = _f(False)
+    mxint8_kv_cache: bool = _f(False)
+    num_devices: int = _f(1, min=1)
 
 
 @dataclass(frozen=True)
-class CompileSpec:
-    """Backend and compiler flags."""
+class OnnxRuntimeSpec:
+    """ONNX Runtime settings (used only by the onnxruntime backend)."""
 
-    backend: str = _f("onnxruntime", choices=["onnxruntime", "qaic", "auto"])
-    num_cores: int = _f(2, min=1, max=64)
+    threads: int = _f(2, min=1, max=64, help="intra-op threads of the ONNX Runtime CPU session")
     graph_optimization: str = _f("extended", choices=["basic", "extended", "all"])
     quantize: str = _f("none", choices=["none", "int8", "int4"], help="ONNX Runtime weight quantisation")
     session: str = _f("auto", choices=["auto", "fixed", "dynamic"],
                       help="ONNX Runtime: fixed-shape sessions per specialisation, one dynamic, or measure")
-    mxfp6_matmul: bool = _f(False)
-    mxint8_kv_cache: bool = _f(False)
-    num_devices: int = _f(1, min=1)
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """The backend, and one settings group per backend (no key means two things)."""
+
+    backend: str = _f("onnxruntime", choices=["onnxruntime", "qaic", "auto"])
+    onnxruntime: OnnxRuntimeSpec = _f(factory=OnnxRuntimeSpec)
     qaic: QaicSpec = _f(factory=QaicSpec)
 
 

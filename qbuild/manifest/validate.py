@@ -65,8 +65,35 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
+#: keys that were moved (old dotted key -> the message naming the new place), consulted before the
+#: generic unknown-key message: one configuration per backend, so no key has two meanings
+MOVED_KEYS: dict[str, str] = {
+    "compile.num_cores": "moved; use compile.qaic.num_cores (Cloud AI 100 NSP cores) or "
+                         "compile.onnxruntime.threads (ONNX Runtime threads)",
+    "compile.graph_optimization": "moved to compile.onnxruntime.graph_optimization",
+    "compile.quantize": "moved to compile.onnxruntime.quantize",
+    "compile.session": "moved to compile.onnxruntime.session",
+    "compile.mxfp6_matmul": "moved to compile.qaic.mxfp6_matmul",
+    "compile.mxint8_kv_cache": "moved to compile.qaic.mxint8_kv_cache",
+    "compile.num_devices": "moved to compile.qaic.num_devices",
+}
+
+
+def moved_key_error(key: str) -> ManifestError | None:
+    """The error for a key listed in :data:`MOVED_KEYS` (or below one), naming its new place; else None."""
+    base = key
+    while base and base not in MOVED_KEYS:
+        base = base.rpartition(".")[0]
+    if not base:
+        return None
+    return ManifestError(f"{base}: {MOVED_KEYS[base]}", key=base)
+
+
 def unknown_key_error(key: str, valid: Sequence[str]) -> ManifestError:
     """The error for a key that is not in its group's schema, with the valid keys and a suggestion."""
+    moved = moved_key_error(key)
+    if moved is not None:
+        return moved
     parent, _, name = key.rpartition(".")
     where = f"'{parent}'" if parent else "the top level"
     return ManifestError(
@@ -263,7 +290,7 @@ def _check_transforms(m: Manifest) -> None:
 
 def _check_pooling(m: Manifest) -> None:
     """A known pooling name, or ``module:function`` whose module is found and defines a suitable function."""
-    from qbuild.pooling import check_method
+    from qbuild.transforms.pooling import check_method
 
     check_method(m.pooling.method)
     if m.model.task != "embedding" and (m.pooling.method not in ("auto", "none") or m.pooling.normalize):

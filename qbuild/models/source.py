@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qbuild.errors import LoadError
+from qbuild.errors import LoadError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -33,13 +33,6 @@ def _torch_dtype(dtype: str) -> Any:
     import torch
 
     return getattr(torch, dtype)
-
-
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 @contextlib.contextmanager
@@ -78,7 +71,7 @@ def _make_config(architecture: str, overrides: dict[str, Any]) -> Any:
     try:
         return AutoConfig.for_model(architecture, **overrides)
     except Exception as exc:  # config validators raise assorted types
-        raise LoadError(f"model.config: cannot build a {architecture} config: {_one_line(exc)}") from exc
+        raise LoadError(f"model.config: cannot build a {architecture} config: {one_line(exc)}") from exc
 
 
 def init_random(
@@ -100,7 +93,7 @@ def init_random(
         try:
             model = auto.from_config(config)
         except Exception as exc:
-            raise LoadError(f"model.architecture: {architecture!r} has no {task} model: {_one_line(exc)}") from exc
+            raise LoadError(f"model.architecture: {architecture!r} has no {task} model: {one_line(exc)}") from exc
     model = model.to(torch_dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +147,7 @@ def load_model(model_dir: Path, task: str, dtype: str) -> torch.nn.Module:
                 output_loading_info=True,
             )
     except Exception as exc:
-        raise LoadError(f"cannot load {task} model from {model_dir}: {_one_line(exc)}") from exc
+        raise LoadError(f"cannot load {task} model from {model_dir}: {one_line(exc)}") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")

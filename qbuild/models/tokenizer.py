@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 # A small built-in corpus: enough merges for readable tokens on English prompts.
 _CORPUS = """My name is Wolfgang and I live in Berlin. My name is Sarah and I live in London.
@@ -37,8 +39,78 @@ def train_bpe(vocab_size: int, out_dir: Path) -> dict[str, int]:
     return {"vocab_size": len(fast), "pad_token_id": fast.pad_token_id, "eos_token_id": fast.eos_token_id}
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _tokenizer_auto_map(tokenizer_config: dict[str, Any]) -> Any:
+    """The tokenizer's own remote code (``auto_map.AutoTokenizer`` of tokenizer_config.json), or None."""
+    auto_map = tokenizer_config.get("auto_map")
+    return auto_map if isinstance(auto_map, (list, tuple)) else (auto_map or {}).get("AutoTokenizer")
+
+
+def _plain_config(config: dict[str, Any]) -> Any:
+    """A plain PretrainedConfig when config.json's model type needs custom code (Grok-1's ``auto_map``), else None.
+
+    Given to AutoTokenizer so it never reads that config.json (which would offer, or refuse, remote code)."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    if "auto_map" not in config or config.get("model_type") in CONFIG_MAPPING:
+        return None
+    return PretrainedConfig(**({"tokenizer_class": config["tokenizer_class"]} if config.get("tokenizer_class") else {}))
+
+
+def _from_tokenizer_json(directory: Path, tokenizer_config: dict[str, Any]):  # -> PreTrainedTokenizerFast
+    """tokenizer.json with the special tokens of tokenizer_config.json / special_tokens_map.json; no class lookup."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = {**_read_json(directory / "special_tokens_map.json"), **tokenizer_config}
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
+            "model_max_length", "padding_side", "clean_up_tokenization_spaces", "add_bos_token", "add_eos_token")
+    kw = {k: special[k] for k in keys if special.get(k) is not None}
+    for k in keys[:7]:  # AddedToken dicts ({"content": ...}) as saved by older transformers
+        if isinstance(kw.get(k), dict):
+            kw[k] = kw[k].get("content")
+    return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **kw)
+
+
 def load_tokenizer(directory: Path):  # -> PreTrainedTokenizerBase
-    """AutoTokenizer from a local directory, offline."""
+    """The tokenizer of a local directory, offline; never offers or runs the checkpoint's remote code.
+
+    A config.json that names custom code (Grok-1's ``auto_map``) is not read; a tokenizer_config.json whose
+    ``auto_map`` names a custom tokenizer class is loaded from tokenizer.json, or refused with a LoadError.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    from qbuild.errors import LoadError, one_line
+
+    directory = Path(directory)
+    tokenizer_config = _read_json(directory / "tokenizer_config.json")
+    custom = _tokenizer_auto_map(tokenizer_config)
+    hint = ("qbuild never runs a checkpoint's remote code: put a tokenizer.json (the `tokenizers` format, e.g. "
+            "saved by the original tokenizer's save_pretrained) in the directory, or set model.tokenizer to a "
+            "directory that has one")
+    if custom:
+        if (directory / "tokenizer.json").is_file():
+            return _from_tokenizer_json(directory, tokenizer_config)
+        names = ", ".join(c for c in (custom if isinstance(custom, (list, tuple)) else [custom]) if c)
+        raise LoadError(f"model.tokenizer: {directory} needs custom tokenizer code ({names}) and has no "
+                        f"tokenizer.json", hint=hint)
+    kwargs: dict[str, Any] = {}
+    config = _plain_config(_read_json(directory / "config.json"))
+    if config is not None:
+        kwargs["config"] = config
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False,
+                                             **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) and "custom code" not in str(exc):
+            raise
+        if (directory / "tokenizer.json").is_file():
+            return _from_tokenizer_json(directory, tokenizer_config)
+        raise LoadError(f"model.tokenizer: {directory} needs custom code to load its tokenizer: {one_line(exc)}",
+                        hint=hint) from exc

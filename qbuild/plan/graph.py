@@ -1,4 +1,4 @@
-"""The stage graph for a manifest: load -> transform -> export -> compile -> verify."""
+"""The stage graph for a manifest: load -> export (transforms applied in memory) -> compile -> verify."""
 
 from __future__ import annotations
 
@@ -7,26 +7,23 @@ from qbuild.stages.base import Stage
 
 
 def stages_for(m: Manifest) -> tuple[list[Stage], list[str]]:
-    """The stages to run, in order, and notes on choices made (the backend, a skipped verify)."""
+    """The stages, in order, and notes on choices made (the backend). Verify is listed when
+    ``verify.enabled``; the planner drops it when the backend says its artifact cannot be verified here."""
     from qbuild.backends import resolve_backend
+    from qbuild.plan.params import recording
     from qbuild.stages.compile import CompileStage
     from qbuild.stages.export import ExportStage
     from qbuild.stages.load import LoadStage
-    from qbuild.stages.transform import TransformStage
     from qbuild.stages.verify import VerifyStage
     from qbuild.tasks import task_for
 
-    backend, why = resolve_backend(m)
-    task = task_for(m)
-    notes = [why]
-    stages: list[Stage] = [LoadStage(), TransformStage(), ExportStage(task), CompileStage(backend, task)]
-    if not m.verify.enabled:
-        pass
-    elif not backend.can_execute():
-        notes.append(f"verify: skipped, the {backend.name} artifact cannot run on this machine")
-    elif backend.name == "onnxruntime" and m.compile.quantize != "none":
-        notes.append(f"verify: skipped for compile.quantize={m.compile.quantize} (quantised outputs differ "
-                     "from PyTorch by design; measure accuracy on real weights)")
-    else:
+    view, backend_reads = recording(m)
+    backend, why = resolve_backend(view)
+    view, task_reads = recording(m)
+    task = task_for(view)
+    stages: list[Stage] = [LoadStage(), ExportStage(task), CompileStage(backend, task)]
+    if m.verify.enabled:
         stages.append(VerifyStage(task))
-    return stages, notes
+    for stage in stages[1:]:  # the manifest values that chose the task (and the backend) shape these stages
+        stage.selected_by = {**task_reads, **(backend_reads if stage.name == "compile" else {})}
+    return stages, [why]

@@ -9,8 +9,8 @@ from typing import Any
 from qbuild.manifest import ComposedManifest
 from qbuild.plan.graph import stages_for
 from qbuild.plan.keys import digest
-from qbuild.stages.base import Source, Stage
-from qbuild.stages.load import resolve_source
+from qbuild.plan.params import code_digest, keyed, recording
+from qbuild.stages.base import Resolved, Stage
 from qbuild.store import Entry, Store
 
 
@@ -18,7 +18,9 @@ from qbuild.store import Entry, Store
 class StagePlan:
     stage: Stage
     key: str
+    resolved: Resolved  # the params run() gets
     identity: dict[str, Any]
+    reads: dict[str, Any]  # the manifest values its params came from, by dotted key (not keyed)
     state: str  # "cached" | "build"
     reasons: list[str]
     entry: Entry | None
@@ -31,7 +33,6 @@ class StagePlan:
 @dataclass(frozen=True)
 class Plan:
     composed: ComposedManifest
-    source: Source
     stages: list[StagePlan]
     notes: list[str]
     manifest_id: str
@@ -45,28 +46,66 @@ def manifest_id(composed: ComposedManifest) -> str:
     return digest(str(composed.source))[:16]
 
 
-def identity(stage: Stage, composed: ComposedManifest, source: Source, upstream: dict[str, str]) -> dict:
+def identity(stage: Stage, resolved: Resolved, upstream: dict[str, str], code: dict[str, str]) -> dict:
     """Everything that determines the stage's output: hashed into its key."""
     return {
         "stage": stage.name,
-        "version": stage.version,
-        "params": stage.params(composed.manifest),
-        "sources": stage.sources(source),
+        "params": keyed(resolved.params),
+        "sources": resolved.sources,
         "upstream": upstream,
-        "tools": stage.fingerprint(composed.manifest),
+        "tools": resolved.tools,
+        "code": code,
     }
+
+
+@dataclass(frozen=True)
+class Resolution:
+    stage: Stage
+    resolved: Resolved
+    key: str
+    identity: dict[str, Any]
+    reads: dict[str, Any]
+
+
+def resolve_stages(composed: ComposedManifest, store: Store) -> tuple[list[Resolution], list[str]]:
+    """Each stage of the manifest's graph with its resolved params, key and identity (pure)."""
+    stages, notes = stages_for(composed.manifest)
+    keys: dict[str, str] = {}
+    out = []
+    for stage in stages:
+        if stage.name == "verify":
+            skip = _verify_skipped(out[-1])
+            if skip:
+                notes.append(f"verify: skipped, {skip}")
+                continue
+        view, reads = recording(composed.manifest)
+        resolved = stage.resolve(view, store.stats)
+        ident = identity(stage, resolved, {u: keys[u] for u in stage.upstream}, code_digest(stage.code, store.stats))
+        keys[stage.name] = digest(ident)
+        out.append(Resolution(stage, resolved, keys[stage.name], ident, {**stage.selected_by, **reads}))
+    return out, notes
+
+
+def _verify_skipped(compiled: Resolution) -> str | None:
+    """Why the compiled artifact cannot be verified here, as its backend says (None: it can)."""
+    from qbuild.stages.compile import CompileStage
+
+    stage, resolved = compiled.stage, compiled.resolved
+    assert isinstance(stage, CompileStage)
+    ok, why = stage.backend.can_execute(resolved.params)
+    if not ok:
+        return f"the {stage.backend.name} artifact cannot run on this machine ({why})"
+    return stage.backend.inexact(resolved.params)
 
 
 def make_plan(composed: ComposedManifest, store: Store) -> Plan:
     """Plan the build of ``composed`` against ``store`` (pure: reads the cache, writes nothing)."""
-    stages, notes = stages_for(composed.manifest)
-    source = resolve_source(composed.manifest, store.stats)
+    resolved, notes = resolve_stages(composed, store)
     mid = manifest_id(composed)
     history = store.read_history(mid).get("stages", {})
-    planned: dict[str, StagePlan] = {}
-    for stage in stages:
-        ident = identity(stage, composed, source, {u: planned[u].key for u in stage.upstream})
-        key = digest(ident)
+    planned: list[StagePlan] = []
+    for r in resolved:
+        stage, key, ident = r.stage, r.key, r.identity
         entry, problem = store.lookup(stage.name, key)
         if entry is not None:
             state, reasons = "cached", []
@@ -74,30 +113,48 @@ def make_plan(composed: ComposedManifest, store: Store) -> Plan:
             state, reasons = "build", [f"cached output corrupt: {problem}"]
         else:
             prev = history.get(stage.name)
-            state, reasons = "build", explain(prev.get("identity") if prev else None, ident)
+            state, reasons = "build", explain(prev, ident, r.reads)
             if prev and prev.get("key") == key:
                 reasons = ["no record (cache entry removed)"]
-        planned[stage.name] = StagePlan(stage, key, ident, state, reasons, entry)
-    return Plan(composed, source, list(planned.values()), notes, mid)
+        planned.append(StagePlan(stage, key, r.resolved, ident, r.reads, state, reasons, entry))
+    return Plan(composed, planned, notes, mid)
 
 
 def _fmt(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
 
 
-def explain(prev: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
-    """Why a stage's key differs from its last build, with values."""
-    if not prev:
+def explain(prev: dict[str, Any] | None, now: dict[str, Any], reads: dict[str, Any]) -> list[str]:
+    """Why a stage's key differs from its last build (``prev``: its history record), with values: the
+    manifest keys its params came from where they changed, else the params fields themselves."""
+    before = (prev or {}).get("identity")
+    if not before:
         return ["no record"]
     reasons: list[str] = []
-    if prev.get("version") != now["version"]:
-        reasons.append(f"stage version {prev.get('version')} -> {now['version']}")
-    reasons += _changed(prev.get("params", {}), now["params"], lambda k, a, b: f"{k}: {_fmt(a)} -> {_fmt(b)}")
-    reasons += _changed(prev.get("tools", {}), now["tools"], lambda k, a, b: f"{k} {a} -> {b}")
-    reasons += _diff(prev.get("sources", {}), now["sources"],
-                     lambda k, a, b: f"weights: {k} {'added' if a is None else 'removed' if b is None else 'changed'}")
-    reasons += _diff(prev.get("upstream", {}), now["upstream"], lambda k, a, b: f"upstream {k} rebuilt")
+    params_before, params_now = flatten(before.get("params", {})), flatten(now["params"])
+    if params_before != params_now:
+        reasons += _changed(prev.get("reads", {}), reads, lambda k, a, b: f"{k}: {_fmt(a)} -> {_fmt(b)}")
+        if not reasons:
+            reasons += _changed(params_before, params_now, lambda k, a, b: f"{k}: {_fmt(a)} -> {_fmt(b)}")
+    reasons += _changed(before.get("tools", {}), now["tools"], lambda k, a, b: f"{k} {a} -> {b}")
+    reasons += _diff(before.get("sources", {}), now["sources"], lambda k, a, b: f"weights: {k} {_what(a, b)}")
+    reasons += _diff(before.get("code", {}), now["code"], lambda k, a, b: f"recipe code: qbuild/{k} {_what(a, b)}")
+    reasons += _diff(before.get("upstream", {}), now["upstream"], lambda k, a, b: f"upstream {k} rebuilt")
     return reasons or ["no record"]
+
+
+def _what(a: Any, b: Any) -> str:
+    return "added" if a is None else "removed" if b is None else "changed"
+
+
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested params as ``{"dotted.field": value}`` (lists and other leaves kept whole)."""
+    if not isinstance(params, dict) or not params:
+        return {prefix: params} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any], fmt: Any) -> list[str]:

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qbuild.errors import ManifestError, PlanError, RunError
+from qbuild.errors import RunError
 
 if TYPE_CHECKING:
     import numpy as np
 
     from qbuild.execute.executor import BuildResult
     from qbuild.manifest import ComposedManifest
+    from qbuild.runtime import Artifact
 
 Progress = Callable[[int, int], None]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -39,13 +40,13 @@ def has_tokenizer(directory: Path) -> bool:
 
 class Tokenizer:
     """Token ids with the model's special tokens, no padding; ``tokenizers`` directly when the directory
-    has ``tokenizer.json`` (no torch import), else transformers' AutoTokenizer."""
+    has ``tokenizer.json`` (no torch import), else transformers' AutoTokenizer (``load_tokenizer``)."""
 
     def __init__(self, directory: Path, truncate_to: int | None = None) -> None:
         directory = Path(directory)
         if not has_tokenizer(directory):
-            raise ManifestError(f"model.tokenizer: no tokenizer in {directory} (no {', '.join(_TOKENIZER_FILES)})",
-                                key="model.tokenizer", hint="set model.tokenizer to a tokenizer directory or pkg:")
+            raise RunError(f"model.tokenizer: no tokenizer in {directory} (no {', '.join(_TOKENIZER_FILES)})",
+                           hint="set model.tokenizer to a tokenizer directory or pkg:")
         self.truncate_to = truncate_to
         if (directory / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as Fast
@@ -60,9 +61,9 @@ class Tokenizer:
             pad = pad if pad is not None else self._fast.token_to_id("[PAD]")
             self.pad_id = int(pad if pad is not None else self._fast.token_to_id("<pad>") or 0)
         else:
-            from transformers import AutoTokenizer
+            from qbuild.models.tokenizer import load_tokenizer
 
-            self._fast, self._auto = None, AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            self._fast, self._auto = None, load_tokenizer(directory)  # never runs the checkpoint's code
             self.pad_id = int(self._auto.pad_token_id or 0)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -73,26 +74,24 @@ class Tokenizer:
 
 
 def artifact_sessions(artifact_dir: Path, num_threads: int | None = None) -> Any:
-    """A compiled artifact's sessions: a Cloud AI 100 QPC through qaicrt, else ONNX Runtime's choice."""
-    if (Path(artifact_dir) / "qpc").is_dir():
-        from qbuild.runtime.qaic import QpcSessions
+    """A compiled artifact's sessions, opened by the backend that compiled it."""
+    from qbuild.runtime import open_artifact
 
-        return QpcSessions(artifact_dir)
-    from qbuild.backends.onnxruntime import open_sessions
-
-    return open_sessions(artifact_dir, num_threads)
+    return open_artifact(artifact_dir, threads=num_threads).sessions()
 
 
 class Embedder:
     """Embeddings from a compiled artifact: ``embed(texts)`` -> ``[N, hidden]`` (a list of ``[n_i, hidden]``
     token embeddings with ``pooling: none``)."""
 
-    def __init__(self, artifact_dir: Path, tokenizer_dir: Path | None, *, overflow: str = "error",
+    def __init__(self, artifact: Path | Artifact, tokenizer_dir: Path | None, *, overflow: str = "error",
                  vocab_size: int | None = None, num_threads: int | None = None) -> None:
-        self.sessions = artifact_sessions(artifact_dir, num_threads)
+        self.sessions = (artifact.sessions() if not isinstance(artifact, (str, Path))
+                         else artifact_sessions(Path(artifact), num_threads))
+        artifact_dir = artifact if isinstance(artifact, (str, Path)) else artifact.directory
         specs = self.sessions.specializations
         if not specs:
-            raise PlanError(f"{artifact_dir} has no specialisations (not an embedding artifact)")
+            raise RunError(f"{artifact_dir} has no specialisations (not an embedding artifact)")
         self.lengths = sorted({int(s["symbols"]["seq_len"]) for s in specs})
         self.batch_size = int(specs[0]["symbols"]["batch_size"])
         self.overflow, self.vocab_size = overflow, vocab_size
@@ -102,7 +101,7 @@ class Embedder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text; raises when a text is longer than the largest bucket (``seq.overflow: error``)."""
         if self.tokenizer is None:
-            raise ManifestError("model.tokenizer: this build has no tokenizer", key="model.tokenizer")
+            raise RunError("model.tokenizer: this build has no tokenizer")
         ids = self.tokenizer.encode(texts)
         longest = self.lengths[-1]
         over = [(i, len(x)) for i, x in enumerate(ids) if len(x) > longest]
@@ -115,9 +114,8 @@ class Embedder:
                                          f"(keeps the first {longest} tokens)")
         top = max((max(x) for x in ids if x), default=0)
         if self.vocab_size is not None and top >= self.vocab_size:
-            raise ManifestError(f"model.tokenizer: token id {top} is outside the model's vocabulary of "
-                                f"{self.vocab_size}", key="model.tokenizer",
-                                hint="use the tokenizer that belongs to the model")
+            raise RunError(f"model.tokenizer: token id {top} is outside the model's vocabulary of "
+                           f"{self.vocab_size}", hint="use the tokenizer that belongs to the model")
         return ids
 
     def run(self, ids: Sequence[Sequence[int]], progress: Progress | None = None) -> list[np.ndarray]:
@@ -198,8 +196,8 @@ def embed_build(composed: ComposedManifest, result: BuildResult, cache: Path, te
     meta = export.meta if export else {}
     tok = Path(result.tokenizer_dir or "")
     if not result.tokenizer_dir or not has_tokenizer(tok):
-        raise ManifestError(f"model.tokenizer: no tokenizer in {tok}; qbuild embed needs one",
-                            key="model.tokenizer", hint="set model.tokenizer to a directory or pkg:<package>")
+        raise RunError(f"model.tokenizer: no tokenizer in {tok}; qbuild embed needs one",
+                       hint="set model.tokenizer to a directory or pkg:<package>")
     t0 = time.perf_counter()
     embedder = Embedder(Path(result.artifacts["compiled"]), tok, overflow=m.seq.overflow,
                         vocab_size=meta.get("vocab_size"))

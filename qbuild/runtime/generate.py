@@ -36,7 +36,7 @@ class KVRuntime:
 
     def __init__(self, compiled: Path, *, ctx_len: int, buckets: Sequence[int], num_threads: int | None = None,
                  session: Any = None) -> None:
-        from qbuild.backends.onnxruntime import open_sessions
+        from qbuild.runtime.onnxruntime import open_sessions
 
         self.sessions = open_sessions(compiled, num_threads)  # fixed-shape per specialisation, or dynamic
         self.session = session or self.sessions.session_for({})
@@ -144,9 +144,7 @@ class KVRuntime:
 
 
 def open_runtime(compiled: Path, *, ctx_len: int, buckets: Sequence[int], num_threads: int | None = None) -> KVRuntime:
-    """The runtime for a compiled artifact: a QPC (qaic backend) on the device, else ONNX Runtime."""
-    if (Path(compiled) / "qpc").is_dir():
-        from qbuild.runtime.qaic import QaicKVRuntime
+    """The generation loop on a compiled artifact, opened by the backend that compiled it."""
+    from qbuild.runtime import open_artifact
 
-        return QaicKVRuntime(compiled)
-    return KVRuntime(compiled, ctx_len=ctx_len, buckets=buckets, num_threads=num_threads)
+    return open_artifact(compiled, threads=num_threads).kv_runtime(ctx_len=ctx_len, buckets=buckets)

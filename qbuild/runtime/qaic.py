@@ -18,22 +18,22 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from qbuild.errors import RunError
+from qbuild.errors import CannotExecute, RunError
 from qbuild.runtime.generate import KVRuntime
 
 QPC_DIR = "qpc"
 
 
-def _sdk_python_dirs() -> list[str]:
-    root = Path(os.environ.get("QAIC_SDK_DIR") or "/opt/qti-aic")
+def _sdk_python_dirs(sdk_root: str | None = None) -> list[str]:
+    root = Path(sdk_root or os.environ.get("QAIC_SDK_DIR") or "/opt/qti-aic")
     return [str(root / "dev" / "lib" / platform.machine()), str(root / "dev" / "python")]
 
 
-def qaicrt_available() -> bool:
+def qaicrt_available(sdk_root: str | None = None) -> bool:
     """Whether ``qaicrt`` and ``QAicApi_pb2`` can be imported (on sys.path or in the SDK), without importing."""
     if find_spec("qaicrt") is not None and find_spec("QAicApi_pb2") is not None:
         return True
-    lib, py = map(Path, _sdk_python_dirs())
+    lib, py = map(Path, _sdk_python_dirs(sdk_root))
     return lib.is_dir() and any(lib.glob("qaicrt*")) and (py / "QAicApi_pb2.py").is_file()
 
 
@@ -45,8 +45,8 @@ def _import() -> tuple[Any, Any]:
         import QAicApi_pb2
         import qaicrt
     except ImportError as exc:
-        raise RunError(f"cannot import the Cloud AI 100 runtime: {exc}",
-                       hint="install the Platform and Apps SDK, or build with compile=onnxruntime") from exc
+        raise CannotExecute(f"cannot import the Cloud AI 100 runtime: {exc}",
+                            hint="install the Platform and Apps SDK, or build with compile=onnxruntime") from exc
     return qaicrt, QAicApi_pb2
 
 
@@ -178,3 +178,18 @@ class QpcSessions:
 
     def run(self, _names: Any, feed: dict[str, Any]) -> list[Any]:
         return [self.session.run(feed)[self.session.output_names[0]]]
+
+
+class QpcArtifact:
+    """A Cloud AI 100 QPC artifact (``qbuild.runtime.Artifact``), run through qaicrt."""
+
+    backend = "qaic"
+
+    def __init__(self, directory: Path, device_ids: Sequence[int] | None = None) -> None:
+        self.directory, self.device_ids = Path(directory), device_ids
+
+    def sessions(self) -> QpcSessions:
+        return QpcSessions(self.directory, self.device_ids)
+
+    def kv_runtime(self, *, ctx_len: int, buckets: Sequence[int]) -> QaicKVRuntime:
+        return QaicKVRuntime(self.directory, device_ids=self.device_ids)  # the QPC knows its ctx_len and buckets

@@ -1,4 +1,4 @@
-"""The stage contract and the context a stage runs in."""
+"""The stage contract and the context ``run()`` gets (never the manifest)."""
 
 from __future__ import annotations
 
@@ -8,80 +8,111 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from qbuild.manifest.schema import Manifest
-from qbuild.store import Entry, Store
+from qbuild.plan.params import unkeyed
+from qbuild.store import Entry, StatCache, Store
 
 
 @dataclass(frozen=True)
-class Source:
-    """Where the model comes from, resolved at plan time (no heavy imports)."""
+class ModelRef:
+    """The model a stage loads: where its weights lie (unkeyed: their digests key the load stage), what it
+    is loaded as, and the rewrites applied to it. Resolved at plan time, no heavy imports."""
 
-    kind: str  # "random" | "path" | "hub"
-    directory: Path | None = None
-    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
-    tokenizer: Path | None = None  # a tokenizer directory named by model.tokenizer
+    task: str  # model.task: causal_lm | embedding
+    dtype: str
+    random: bool  # weights initialised by the load stage (they lie in its entry)
+    directory: str | None = unkeyed(None, why="a checkpoint's location; its files' digests key the load stage")
+    transforms: tuple[str, ...] = ()
+    transform_versions: tuple[tuple[str, int], ...] = ()
+
+    def untransformed(self) -> ModelRef:
+        return ModelRef(self.task, self.dtype, self.random, self.directory)
+
+
+@dataclass(frozen=True)
+class TokenizerRef:
+    """Where the tokenizer lies: model.tokenizer's directory, the load entry (train-bpe), or the model's."""
+
+    kind: str  # "directory" | "load" | "model"
+    directory: str | None = unkeyed(None, why="a tokenizer's location; its files' digests key the load stage")
 
 
 @dataclass
 class StageContext:
-    """What ``run()`` gets: its staging ``out`` dir, upstream entries and a per-build memo."""
+    """What ``run()`` gets: its staging ``out`` dir, upstream entries, the stat cache and a per-build memo."""
 
-    manifest: Manifest
-    source: Source
     out: Path
     inputs: dict[str, Entry]
     memo: dict[str, Any]
     store: Store
+    sources: dict[str, str] = field(default_factory=dict)  # the keyed digests of external input files
     progress: Callable[[str, float | None], None] = lambda _msg, _frac: None
 
-    def model(self) -> Any:
-        """The loaded and transformed PyTorch model, built once per process."""
-        if "model" not in self.memo:
+    @property
+    def stats(self) -> StatCache:
+        return self.store.stats
+
+    def model_dir(self, ref: ModelRef) -> Path:
+        if ref.random:
+            return self.inputs["load"].out / "model"
+        assert ref.directory is not None
+        return Path(ref.directory)
+
+    def tokenizer_dir(self, ref: TokenizerRef, model: ModelRef) -> Path:
+        if ref.kind == "directory":
+            assert ref.directory is not None
+            return Path(ref.directory)
+        if ref.kind == "load":
+            return self.inputs["load"].out / "model"
+        return self.model_dir(model)
+
+    def model(self, ref: ModelRef) -> Any:
+        """The model ``ref`` names, loaded and rewritten once per process and reference."""
+        if ref not in self.memo:
             from qbuild.models.source import load_model
             from qbuild.transforms import apply_transforms
 
-            m = self.manifest.model
-            model = load_model(self.model_dir(), m.task, m.dtype)
-            self.memo["transform_report"] = apply_transforms(model, self.manifest.transforms.apply)
-            self.memo["model"] = model
-        return self.memo["model"]
+            self.progress("loading model", None)
+            model = load_model(self.model_dir(ref), ref.task, ref.dtype)
+            report = apply_transforms(model, ref.transforms) if ref.transforms else []
+            self.memo[ref] = model
+            self.memo[("report", ref)] = report
+        return self.memo[ref]
 
-    def model_dir(self) -> Path:
-        if self.source.kind == "random":
-            return self.inputs["load"].out / "model"
-        assert self.source.directory is not None
-        return self.source.directory
+    def transform_report(self, ref: ModelRef) -> list[dict[str, Any]]:
+        self.model(ref)
+        return self.memo[("report", ref)]
 
-    def tokenizer_dir(self) -> Path:
-        """model.tokenizer's directory; trained tokenizers live with the weights of the load entry."""
-        if self.source.tokenizer is not None:
-            return self.source.tokenizer
-        if self.manifest.model.tokenizer == "train-bpe":
-            return self.inputs["load"].out / "model"
-        return self.model_dir()
+
+@dataclass(frozen=True)
+class Resolved:
+    """A stage's params with the extra key inputs resolved beside them (weights, tools, recipe code)."""
+
+    params: Any
+    sources: dict[str, str] = field(default_factory=dict)  # external input files -> sha256
+    tools: dict[str, str] = field(default_factory=dict)  # tool -> version
 
 
 class Stage:
-    """A build step. Subclasses set the class attributes and implement ``params`` and ``run``."""
+    """A build step: ``resolve`` the manifest once into frozen params, then ``run`` on them alone."""
 
     name: ClassVar[str]
-    version: ClassVar[int]
-    tools: ClassVar[tuple[str, ...]]
     upstream: ClassVar[tuple[str, ...]]
+    #: qbuild source files (globs relative to the package) whose code shapes this stage's output
+    code: tuple[str, ...] = ()
+    #: installed packages whose versions shape the output
+    tools: tuple[str, ...] = ()
+    #: manifest values that chose this stage's task or backend (recorded by the graph)
+    selected_by: dict[str, Any] = {}
 
-    def params(self, m: Manifest) -> dict[str, Any]:
-        """Everything from the manifest that determines the output, by dotted manifest key."""
+    def resolve(self, m: Manifest, stats: StatCache) -> Resolved:
+        """The frozen params (and input digests, tool versions) this stage runs on; pure but for reading
+        files' digests and asking the machine (SDK, hardware)."""
         raise NotImplementedError
 
-    def sources(self, source: Source) -> dict[str, str]:
-        """Digests of external inputs (weights); empty for most stages."""
-        return {}
+    def describe(self, params: Any) -> list[str]:
+        """Lines for ``qbuild plan --explain`` printed from the same params ``run()`` gets."""
+        return []
 
-    def fingerprint(self, m: Manifest) -> dict[str, str]:
-        """Versions of the tools that shape the output."""
-        from qbuild.plan.keys import fingerprints
-
-        return fingerprints(self.tools)
-
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, params: Any, ctx: StageContext) -> dict[str, Any]:
         """Write outputs into ``ctx.out``; return JSON meta, with ``artifacts`` as relative paths."""
         raise NotImplementedError

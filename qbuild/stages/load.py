@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from qbuild.errors import LoadError, PlanError
 from qbuild.manifest.schema import Manifest
-from qbuild.stages.base import Source, Stage, StageContext
+from qbuild.plan.keys import fingerprints
+from qbuild.plan.params import freeze, unkeyed
+from qbuild.stages.base import ModelRef, Resolved, Stage, StageContext, TokenizerRef
 from qbuild.store import StatCache
 
 
@@ -37,20 +40,6 @@ def _hub_snapshot(name: str, revision: str) -> Path | None:
     return snap if (snap / "config.json").is_file() else None
 
 
-def _tokenizer_source(m: Manifest, stats: StatCache) -> tuple[Path | None, dict[str, str]]:
-    if m.model.tokenizer == "train-bpe" and m.model.init != "random":
-        raise PlanError("model.tokenizer: train-bpe is for model.init: random only",
-                        hint="a checkpoint brings its own tokenizer; drop model.tokenizer")
-    if m.model.tokenizer in (None, "train-bpe"):
-        return None, {}
-    directory = resolve_path(m.model.tokenizer, "model.tokenizer")
-    if not directory.is_dir():
-        raise PlanError(f"model.tokenizer: {directory} is not a directory",
-                        hint="point it at a directory written by tokenizer.save_pretrained(), or use train-bpe")
-    files = {"tokenizer/" + f.relative_to(directory).as_posix(): stats.digest(f) for f in _model_files(directory)}
-    return directory.resolve(), files
-
-
 def resolve_path(value: str, key: str = "model.path") -> Path:
     """A ``model.path`` (or tokenizer) value as a directory: ``pkg:MODULE[/SUBDIR]`` is a Python package's
     bundled model (``MODULE.get_model_path()`` when it has one, else the package directory), e.g.
@@ -71,85 +60,114 @@ def resolve_path(value: str, key: str = "model.path") -> Path:
     return base / sub if sub else base
 
 
-def resolve_source(m: Manifest, stats: StatCache) -> Source:
-    """Find the model (and tokenizer) files and digest them (through the stat cache); no torch."""
-    tok_dir, tok_files = _tokenizer_source(m, stats)
-    source = _weights_source(m, stats)
-    return Source(source.kind, source.directory, {**source.files, **tok_files}, tok_dir)
+@dataclass(frozen=True)
+class LoadParams:
+    """What the load stage makes: random weights (and a trained tokenizer) or a checked checkpoint."""
+
+    model: ModelRef
+    tokenizer: TokenizerRef
+    architecture: str | None = None  # init: random
+    config: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+    train_bpe: bool = False
+    hub: str | None = unkeyed(None, why="a hub id and revision locate a snapshot; its files' digests are keyed")
 
 
-def _weights_source(m: Manifest, stats: StatCache) -> Source:
+def resolve_model(m: Manifest) -> tuple[ModelRef, TokenizerRef]:
+    """Where the model and tokenizer lie (no digests, no imports beyond pkg: paths); checks they exist."""
     spec = m.model
-    if spec.init == "random":
-        return Source("random")
+    directory = None if spec.init == "random" else str(_weights_dir(m))
+    if spec.tokenizer == "train-bpe" and spec.init != "random":
+        raise PlanError("model.tokenizer: train-bpe is for model.init: random only",
+                        hint="a checkpoint brings its own tokenizer; drop model.tokenizer")
+    if spec.tokenizer == "train-bpe":
+        tok = TokenizerRef("load")
+    elif spec.tokenizer is not None:
+        tdir = resolve_path(spec.tokenizer, "model.tokenizer")
+        if not tdir.is_dir():
+            raise PlanError(f"model.tokenizer: {tdir} is not a directory",
+                            hint="point it at a directory written by tokenizer.save_pretrained(), or use train-bpe")
+        tok = TokenizerRef("directory", str(tdir.resolve()))
+    else:
+        tok = TokenizerRef("model")
+    return ModelRef(spec.task, spec.dtype, spec.init == "random", directory), tok
+
+
+def _weights_dir(m: Manifest) -> Path:
+    spec = m.model
     if spec.path is not None:
-        directory, kind = resolve_path(spec.path), "path"
+        directory = resolve_path(spec.path)
         if not (directory / "config.json").is_file():
             what = "does not exist" if not directory.exists() else "has no config.json"
-            raise PlanError(
-                f"model.path: {directory} {what}",
-                hint="point model.path at a directory written by save_pretrained()",
-            )
-    else:
-        assert spec.name is not None
-        snap = _hub_snapshot(spec.name, spec.revision)
-        if snap is None:
-            raise PlanError(
-                f"model.name: '{spec.name}' (revision {spec.revision}) is not in the local Hugging Face "
-                f"cache ({hub_cache_dir()}) and no model hub is reachable from qbuild",
-                hint=f"download it where the hub is reachable (hf download {spec.name}) and copy the "
-                "cache here, or save it with save_pretrained() and set model.path=/that/directory",
-            )
-        directory, kind = snap, "hub"
-    files = {f.relative_to(directory).as_posix(): stats.digest(f) for f in _model_files(directory)}
-    return Source(kind, directory.resolve(), files)
+            raise PlanError(f"model.path: {directory} {what}",
+                            hint="point model.path at a directory written by save_pretrained()")
+        return directory.resolve()
+    assert spec.name is not None
+    snap = _hub_snapshot(spec.name, spec.revision)
+    if snap is None:
+        raise PlanError(
+            f"model.name: '{spec.name}' (revision {spec.revision}) is not in the local Hugging Face "
+            f"cache ({hub_cache_dir()}) and no model hub is reachable from qbuild",
+            hint=f"download it where the hub is reachable (hf download {spec.name}) and copy the "
+            "cache here, or save it with save_pretrained() and set model.path=/that/directory",
+        )
+    return snap.resolve()
+
+
+def source_files(model: ModelRef, tok: TokenizerRef, stats: StatCache) -> dict[str, str]:
+    """sha256 of every checkpoint and tokenizer file (through the stat cache), by relative name."""
+    files: dict[str, str] = {}
+    if model.directory is not None:
+        d = Path(model.directory)
+        files |= {f.relative_to(d).as_posix(): stats.digest(f) for f in _model_files(d)}
+    if tok.kind == "directory" and tok.directory is not None:
+        d = Path(tok.directory)
+        files |= {"tokenizer/" + f.relative_to(d).as_posix(): stats.digest(f) for f in _model_files(d)}
+    return files
 
 
 class LoadStage(Stage):
     name = "load"
-    version = 1
-    tools = ("qbuild", "torch", "transformers")
     upstream = ()
+    code = ("stages/load.py", "models/source.py", "models/tokenizer.py", "models/grok1*.py")
+    tools = ("torch", "transformers", "tokenizers")
 
-    def params(self, m: Manifest) -> dict[str, Any]:
+    def resolve(self, m: Manifest, stats: StatCache) -> Resolved:
+        model, tok = resolve_model(m)
         spec = m.model
-        p: dict[str, Any] = {"model.task": spec.task, "model.dtype": spec.dtype}
-        if spec.tokenizer == "train-bpe":
-            p["model.tokenizer"] = "train-bpe"
+        p = LoadParams(model, tok, train_bpe=spec.tokenizer == "train-bpe",
+                       hub=f"{spec.name}@{spec.revision}" if spec.name and spec.path is None else None)
         if spec.init == "random":
-            p |= {"model.init": "random", "model.architecture": spec.architecture,
-                  "model.config": dict(spec.config), "model.seed": spec.seed}
-        elif spec.name is not None:
-            p |= {"model.name": spec.name, "model.revision": spec.revision}
-        return p
+            p = replace(p, architecture=spec.architecture, config=freeze(dict(spec.config)), seed=spec.seed)
+        return Resolved(p, source_files(model, tok, stats), fingerprints(self.tools))
 
-    def sources(self, source: Source) -> dict[str, str]:
-        return dict(source.files)
-
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        m, src = ctx.manifest.model, ctx.source
-        if src.kind == "random":
+    def run(self, p: LoadParams, ctx: StageContext) -> dict[str, Any]:
+        if p.model.random:
             from qbuild.models.source import init_random
 
-            assert m.architecture is not None
+            assert p.architecture is not None
             ctx.progress("initialising random weights", None)
-            info = init_random(m.architecture, dict(m.config), m.seed, m.dtype, ctx.out / "model", task=m.task)
-            if m.tokenizer == "train-bpe":
+            info = init_random(p.architecture, _thaw(p.config), p.seed, p.model.dtype, ctx.out / "model",
+                               task=p.model.task)
+            if p.train_bpe:
                 info["tokenizer"] = _train_tokenizer(ctx)
             return {"source": "random", **info, "artifacts": {"model": "model"}}
-        assert src.directory is not None
-        now = {f.relative_to(src.directory).as_posix(): ctx.store.stats.digest(f)
-               for f in _model_files(src.directory)}
-        if src.tokenizer is not None:
-            now |= {"tokenizer/" + f.relative_to(src.tokenizer).as_posix(): ctx.store.stats.digest(f)
-                    for f in _model_files(src.tokenizer)}
-        if now != src.files:
-            changed = sorted(k for k in set(now) | set(src.files) if now.get(k) != src.files.get(k))
+        now = source_files(p.model, p.tokenizer, ctx.stats)
+        if now != ctx.sources:
+            changed = sorted(k for k in set(now) | set(ctx.sources) if now.get(k) != ctx.sources.get(k))
             raise LoadError(f"model files changed while building: {', '.join(changed)}",
                             hint="run the build again")
-        (ctx.out / "source.json").write_text(json.dumps({"kind": src.kind, "directory": str(src.directory),
-                                                         "files": src.files}, indent=1))
-        return {"source": src.kind, "directory": str(src.directory)}
+        (ctx.out / "source.json").write_text(json.dumps({"files": ctx.sources}, indent=1))
+        return {"source": "checkpoint", "files": len(ctx.sources)}
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+                                        for x in value):
+        return {k: _thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
 
 
 def _train_tokenizer(ctx: StageContext) -> dict[str, int]:

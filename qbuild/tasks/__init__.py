@@ -1,7 +1,7 @@
-"""Tasks: what a model is exported as, how it is specialised and verified (causal LM, embedding).
-
-The stages are task-neutral and delegate here; a task is picked from the manifest without heavy
-imports. Registry of names resolved lazily: ``"module:Class"``.
+"""Tasks: what a model is exported as, how it is specialised and verified (causal LM, KV causal LM,
+embedding). One module per task holds its export, example inputs, specialisations and verify, read top
+to bottom; the stages are task-neutral and delegate here. A task is picked from the manifest without
+heavy imports (registry of names resolved lazily: ``"module:Class"``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from qbuild.manifest.schema import Manifest
 
 if TYPE_CHECKING:
+    from qbuild.runtime import Artifact
     from qbuild.stages.base import StageContext
+    from qbuild.stages.export import ExportParams
+    from qbuild.stages.verify import VerifyParams
 
 _TASKS = {
     "causal_lm": "qbuild.tasks.causal_lm:CausalLMTask",
@@ -26,14 +29,17 @@ class Task:
     """The task-specific parts of export, compile and verify."""
 
     name: ClassVar[str]
-    version: ClassVar[int] = 1
+    #: qbuild source files (globs relative to the package) of this task's recipe
+    code: ClassVar[tuple[str, ...]]
+    #: whether the graph carries a retained-state KV cache (qaic: -retained-state and custom_io.yaml)
+    retained_state: ClassVar[bool] = False
     default_atol: ClassVar[float] = 1e-4
 
-    def export_params(self, m: Manifest) -> dict[str, Any]:
-        """Manifest values that shape the exported graph, by dotted key."""
-        return {}
+    def export_options(self, m: Manifest) -> Any:
+        """The task's own export options (a frozen dataclass), or None."""
+        return None
 
-    def export(self, model: Any, out: Path, m: Manifest) -> dict[str, Any]:
+    def export(self, model: Any, out: Path, p: ExportParams, ctx: StageContext) -> dict[str, Any]:
         """Write ``model.onnx`` into ``out``; return meta with ``onnx`` (relative path)."""
         raise NotImplementedError
 
@@ -41,30 +47,35 @@ class Task:
         """Concrete values of the graph's symbolic dims: ``[{"name": ..., "symbols": {dim: int}}]``."""
         return []
 
-    def sample_inputs(self, m: Manifest, symbols: dict[str, int]) -> dict[str, Any] | None:
+    def sample_inputs(self, symbols: dict[str, int], vocab_size: int) -> dict[str, Any] | None:
         """Representative graph inputs (numpy arrays by input name) for one specialisation's symbol values;
         a backend measures sessions with them. None: the task has none (nothing is measured)."""
         return None
 
-    def verify_params(self, m: Manifest) -> dict[str, Any]:
-        v = m.verify
-        return {"verify.atol": self.atol(m), "verify.seed": v.seed}
+    def verify_options(self, m: Manifest) -> Any:
+        """The task's verify options (a frozen dataclass)."""
+        raise NotImplementedError
 
     def atol(self, m: Manifest) -> float:
         return m.verify.atol if m.verify.atol is not None else self.default_atol
 
-    def verify(self, ctx: StageContext, compiled: Path) -> dict[str, Any]:
+    def verify(self, p: VerifyParams, ctx: StageContext, artifact: Artifact) -> dict[str, Any]:
         """Compare the compiled artifact with PyTorch; raise VerifyError on mismatch; return a report."""
         raise NotImplementedError
 
 
 def task_name(m: Manifest) -> str:
+    """``model.task``, with ``causal_lm`` + the ``kv_cache`` rewrite meaning the retained-state KV task."""
     if m.model.task == "embedding":
         return "embedding"
     return "causal_lm_kv" if "kv_cache" in m.transforms.apply else "causal_lm"
 
 
+def get_task(name: str) -> Task:
+    module, _, cls = _TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
 def task_for(m: Manifest) -> Task:
     """The task object for a manifest."""
-    module, _, cls = _TASKS[task_name(m)].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return get_task(task_name(m))

@@ -1,30 +1,57 @@
-"""Causal LM with the retained-state KV cache: Prefill buckets + Decode; verified by greedy tokens."""
+"""Causal LM with the retained-state KV cache: Prefill buckets + Decode; verified by greedy tokens.
+
+Export (the ``kv_cache`` rewrite applied): inputs ``input_ids`` int64 ``[batch_size, seq_len]``,
+``position_ids`` int64 ``[batch_size, seq_len]`` (padding -1), ``past_key.{i}`` / ``past_value.{i}``
+``[batch_size, num_kv_heads, ctx_len, head_dim]``. Outputs, in order: ``logits`` float32
+``[batch_size, 1, vocab]`` (last valid position of each row), then ``past_key.{i}_RetainedState``,
+``past_value.{i}_RetainedState`` per layer. The dims ``batch_size``, ``seq_len`` and ``ctx_len`` are
+symbolic, so the graph does not depend on the buckets, the context length or the batch size: those
+shape only the specialisations (compile). Custom ops (``custom_rmsnorm``) are ONNX functions appended
+to the model, so ONNX Runtime runs the same graph. Verify: the artifact's greedy tokens must equal
+HF ``generate(do_sample=False)`` on the untransformed model.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qbuild.errors import VerifyError
+from qbuild.errors import ExportError, VerifyError, one_line
 from qbuild.manifest.schema import Manifest
 from qbuild.tasks import Task
+from qbuild.tasks.export_common import DATA_FILE, MODEL_FILE, check_args, gather_external_data, output_files, quiet
 
 if TYPE_CHECKING:
+    from qbuild.runtime import Artifact
     from qbuild.stages.base import StageContext
+    from qbuild.stages.export import ExportParams
+    from qbuild.stages.verify import VerifyParams
+
+#: example shapes traced: any values will do (the dims are symbolic) as long as they differ from each
+#: other and from the model's head counts and sizes, so that no dims get unified
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_CTX = 2, 5, 23
 
 
 def _names(prefix: str, n: int) -> list[str]:
     return [prefix] if n == 1 else [f"{prefix}_{i}" for i in range(n)]
 
 
+@dataclass(frozen=True)
+class KVVerify:
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+    lengths: tuple[int, ...]
+    ctx_len: int
+
+
 class KVCausalLMTask(Task):
     name = "causal_lm_kv"
+    code = ("tasks/__init__.py", "tasks/kv_causal_lm.py", "tasks/export_common.py")
+    retained_state = True
 
-    def export(self, model: Any, out: Path, m: Manifest) -> dict[str, Any]:
-        from qbuild.exporters.kv_causal_lm import export_kv_causal_lm
-
-        return export_kv_causal_lm(model, out, exporter=m.export.exporter, opset=m.export.opset,
-                                   ctx_len=m.seq.ctx_len, batch_size=m.seq.batch_size)
+    def export(self, model: Any, out: Path, p: ExportParams, ctx: StageContext) -> dict[str, Any]:
+        return export_kv_causal_lm(model, out, exporter=p.exporter, opset=p.opset)
 
     def specializations(self, m: Manifest) -> list[dict[str, Any]]:
         """One Prefill per bucket, then Decode (seq_len 1), as QEfficient compiles them."""
@@ -34,42 +61,172 @@ class KVCausalLMTask(Task):
                  for name, n in zip(_names("Prefill", len(prefill)), prefill, strict=True)]
         return [*specs, {"name": "Decode", "symbols": {"batch_size": b, "seq_len": 1, "ctx_len": ctx}}]
 
-    def verify_params(self, m: Manifest) -> dict[str, Any]:
+    def verify_options(self, m: Manifest) -> KVVerify:
         v = m.verify
-        return {"verify.prompts": list(v.prompts), "verify.max_new_tokens": v.max_new_tokens,
-                "seq.lengths": list(m.seq.lengths), "seq.ctx_len": m.seq.ctx_len}
+        return KVVerify(tuple(v.prompts), v.max_new_tokens, tuple(m.seq.lengths), m.seq.ctx_len)
 
-    def verify(self, ctx: StageContext, compiled: Path) -> dict[str, Any]:
+    def verify(self, p: VerifyParams, ctx: StageContext, artifact: Artifact) -> dict[str, Any]:
         """Greedy tokens of the compiled artifact must equal HF ``generate(do_sample=False)``."""
-        from qbuild.runtime.generate import open_runtime
-
-        m, v = ctx.manifest, ctx.manifest.verify
-        tokenizer, hf = reference_model(ctx)
-        prompts = [tokenizer(p)["input_ids"] for p in v.prompts]
-        ctx.progress(f"HF generate: {len(prompts)} prompts x {v.max_new_tokens} tokens", None)
-        expected = [hf_greedy(hf, ids, v.max_new_tokens, tokenizer) for ids in prompts]
-        ctx.progress("generate with the compiled artifact", None)
-        runtime = open_runtime(compiled, ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
-        generation = runtime.generate(prompts, v.max_new_tokens, hf.generation_config.eos_token_id)
+        o: KVVerify = p.check
+        tokenizer, hf = reference_model(p, ctx)
+        prompts = [tokenizer(x)["input_ids"] for x in o.prompts]
+        ctx.progress(f"HF generate: {len(prompts)} prompts x {o.max_new_tokens} tokens", None)
+        expected = [hf_greedy(hf, ids, o.max_new_tokens, tokenizer) for ids in prompts]
+        ctx.progress(f"generate with the compiled artifact ({artifact.backend})", None)
+        runtime = artifact.kv_runtime(ctx_len=o.ctx_len, buckets=o.lengths)
+        generation = runtime.generate(prompts, o.max_new_tokens, hf.generation_config.eos_token_id)
         got = generation.tokens
-        for text, want, have in zip(v.prompts, expected, got, strict=True):
+        for text, want, have in zip(o.prompts, expected, got, strict=True):
             if want != have:
                 at = first_difference(want, have)
                 raise VerifyError(f"greedy tokens differ from HF generate for prompt {text!r} at new token {at}: "
                                   f"expected {want[at:at + 4]}..., got {have[at:at + 4]}...",
                                   hint="compare `qbuild run` output with transformers generate on the same weights")
-        return {"prompts": list(v.prompts), "max_new_tokens": v.max_new_tokens, "tokens": got,
-                "prompt_tokens": [len(p) for p in prompts], "buckets": runtime.buckets,
+        return {"prompts": list(o.prompts), "max_new_tokens": o.max_new_tokens, "tokens": got,
+                "prompt_tokens": [len(x) for x in prompts], "buckets": runtime.buckets,
                 "prefill_chunks": generation.chunks}
 
 
-def reference_model(ctx: StageContext) -> tuple[Any, Any]:
+# --- export -----------------------------------------------------------------------------------------
+
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names for ``num_layers`` layers."""
+    cache = [f"past_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "position_ids", *cache], ["logits", *(f"{n}_RetainedState" for n in cache)]
+
+
+def _wrapper(model: Any, num_layers: int) -> Any:
+    """A module whose forward names every cache argument (the dynamo exporter needs explicit names)."""
+    import torch
+
+    args = ", ".join(f"past_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value"))
+    namespace: dict[str, Any] = {}
+    exec(  # noqa: S102 - generated signature only; the body forwards to the model
+        f"def forward(self, input_ids, position_ids, {args}):\n"
+        f"    return self.inner(input_ids, position_ids, {args})\n",
+        namespace,
+    )
+    cls = type("KVExportWrapper", (torch.nn.Module,), {"forward": namespace["forward"]})
+    wrapper = cls()
+    wrapper.inner = model
+    return wrapper.eval()
+
+
+def example_inputs(model: Any) -> tuple[Any, ...]:
+    """Batch 2: a continuing row and a left-padded row; random caches of ``_EXAMPLE_CTX`` slots."""
+    import torch
+
+    batch, seq, ctx_len = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_CTX
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, int(model.config.vocab_size), (batch, seq), generator=gen)
+    position_ids = torch.arange(seq).repeat(batch, 1) + 1  # continues after one cached token
+    position_ids[1:, :2] = -1  # left padding
+    heads, head_dim = model.kv_cache_shape()
+    dtype = next(model.parameters()).dtype
+    layers = model.kv_num_layers()
+    past = [torch.randn(batch, heads, ctx_len, head_dim, generator=gen).to(dtype) for _ in range(2 * layers)]
+    return (input_ids, position_ids, *past)
+
+
+def _axes(inputs: list[str], outputs: list[str]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch_size", 1: "seq_len"},
+                                       "position_ids": {0: "batch_size", 1: "seq_len"}, "logits": {0: "batch_size"}}
+    for name in inputs[2:] + outputs[1:]:
+        axes[name] = {0: "batch_size", 2: "ctx_len"}
+    return axes
+
+
+Names = tuple[list[str], list[str]]
+
+
+def _export_legacy(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
+    import torch
+
+    torch.onnx.export(wrapper, args, str(path), input_names=names[0], output_names=names[1],
+                      dynamic_axes=_axes(*names), opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
+    import torch
+
+    from qbuild.transforms.custom_ops import dynamo_translation_table
+
+    batch, seq, ctx = (torch.export.Dim(n) for n in ("batch_size", "seq_len", "ctx_len"))
+    shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: seq}] + [{0: batch, 2: ctx}] * (len(args) - 2)
+    program = torch.onnx.export(wrapper, args, None, input_names=names[0], output_names=names[1],
+                                dynamic_shapes=tuple(shapes), opset_version=opset, dynamo=True, verbose=False,
+                                custom_translation_table=dynamo_translation_table())
+    program.save(str(path), external_data=True)
+
+
+def _finish(path: Path, opset: int, vocab: int) -> None:
+    """Append the ONNX functions of the custom ops the graph uses; state ``logits`` as ``[batch_size, 1, vocab]``."""
+    import onnx
+
+    from qbuild.transforms.custom_ops import add_functions
+
+    model = onnx.load(str(path), load_external_data=False)
+    add_functions(model, opset)
+    dims = model.graph.output[0].type.tensor_type.shape.dim  # the legacy exporter names dim 1 "Castlogits_dim_1"
+    for dim, value in zip(dims, ("batch_size", 1, vocab), strict=True):
+        dim.Clear()
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = value
+    onnx.save_model(model, str(path))  # external data references are kept as they are
+
+
+def _describe(model: Any, exporter: str, opset: int, files: list[str]) -> dict[str, Any]:
+    n = model.kv_num_layers()
+    heads, head_dim = model.kv_cache_shape()
+    inputs, outputs = io_names(n)
+    return {"onnx": MODEL_FILE, "files": files, "inputs": inputs, "outputs": outputs, "num_layers": n,
+            "num_kv_heads": heads, "head_dim": head_dim, "vocab_size": int(model.config.vocab_size),
+            "exporter": exporter, "opset": opset}
+
+
+def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int) -> dict[str, Any]:
+    """Export a ``kv_cache``-transformed ``model`` to ``out_dir/model.onnx`` (+ external data); checked."""
+    import onnx
+
+    from qbuild.transforms.kv_cache import KVCausalLM
+
+    if not isinstance(model, KVCausalLM):
+        raise ExportError("the kv causal-LM export needs the kv_cache transform",
+                          hint="add kv_cache to transforms.apply (e.g. transforms=kv_cache)")
+    check_args(exporter, opset)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MODEL_FILE
+    names = io_names(model.kv_num_layers())
+    before = output_files(out_dir)
+    try:
+        with quiet():
+            wrapper, args = _wrapper(model, model.kv_num_layers()), example_inputs(model)
+            if exporter == "dynamo":
+                _export_dynamo(wrapper, args, path, opset, names)
+            else:
+                _export_legacy(wrapper, args, path, opset, names)
+                gather_external_data(path, output_files(out_dir) - before - {MODEL_FILE})
+            _finish(path, opset, int(model.config.vocab_size))
+        onnx.checker.check_model(str(path))
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{exporter} export to {path} failed: {one_line(exc)}") from exc
+    return _describe(model, exporter, opset, sorted(output_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})))
+
+
+# --- verify -----------------------------------------------------------------------------------------
+
+def reference_model(p: VerifyParams, ctx: StageContext) -> tuple[Any, Any]:
     """The tokenizer and the untransformed HF model on the same weights."""
-    from qbuild.models.source import load_model
     from qbuild.models.tokenizer import load_tokenizer
 
-    m = ctx.manifest.model
-    return load_tokenizer(ctx.tokenizer_dir()), load_model(ctx.model_dir(), "causal_lm", m.dtype)
+    return load_tokenizer(ctx.tokenizer_dir(p.tokenizer, p.model)), ctx.model(p.model.untransformed())
 
 
 def hf_greedy(model: Any, ids: list[int], max_new_tokens: int, tokenizer: Any) -> list[int]:

@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qbuild.errors import ManifestError, QBuildError, TransformError
+from qbuild.errors import ManifestError, QBuildError, TransformError, one_line
 
 ENTRY_POINT_GROUP = "qbuild.transforms"
 
@@ -23,13 +23,6 @@ _REGISTRY: dict[str, tuple[str, int]] = {
     "custom_rmsnorm": ("qbuild.transforms.custom_ops:apply_custom_rmsnorm", 1),
     "kv_cache": ("qbuild.transforms.kv_cache:apply", 1),
 }
-
-
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _plugins() -> dict[str, Any]:
@@ -80,6 +73,6 @@ def apply_transforms(model: Any, names: Sequence[str]) -> list[dict[str, Any]]:
         except QBuildError:
             raise
         except Exception as exc:
-            raise TransformError(f"transform {name!r} failed: {_one_line(exc)}") from exc
+            raise TransformError(f"transform {name!r} failed: {one_line(exc)}") from exc
         reports.append({"name": name, "version": version, **(result or {})})
     return reports

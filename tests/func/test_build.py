@@ -17,7 +17,7 @@ from qbuild.api import build, plan
 from tests.conftest import ROOT, TINY, json_lines, run_qbuild
 
 pytestmark = pytest.mark.slow
-STAGES = ["load", "transform", "export", "compile", "verify"]
+STAGES = ["load", "export", "compile", "verify"]
 
 
 def _states(p) -> dict[str, str]:
@@ -53,31 +53,31 @@ def test_second_build_is_cached_without_torch(tiny_cache: Path) -> None:
     env = {**os.environ, "QBUILD_CACHE": str(tiny_cache)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result["states"] == ["cached"] * 5
+    assert result["states"] == ["cached"] * 4
     assert result["heavy"] == []
     cli = run_qbuild(str(TINY), cache=tiny_cache, check=True)
-    assert cli.stdout.count(" cached ") == 5
+    assert cli.stdout.count(" cached ") == 4
 
 
 def test_changed_compile_flag_rebuilds_compile_and_verify_only(tiny_cache: Path) -> None:
-    proc = run_qbuild("plan", str(TINY), "compile.num_cores=1", cache=tiny_cache, check=True)
-    assert "compile.num_cores: 2 -> 1" in proc.stdout
-    p = plan(TINY, ["compile.num_cores=1"], cache_dir=tiny_cache)
-    assert _states(p) == {"load": "cached", "transform": "cached", "export": "cached",
+    proc = run_qbuild("plan", str(TINY), "compile.onnxruntime.threads=1", cache=tiny_cache, check=True)
+    assert "compile.onnxruntime.threads: 2 -> 1" in proc.stdout
+    p = plan(TINY, ["compile.onnxruntime.threads=1"], cache_dir=tiny_cache)
+    assert _states(p) == {"load": "cached", "export": "cached",
                           "compile": "build", "verify": "build"}
-    assert p.stage("compile").reasons == ["compile.num_cores: 2 -> 1"]
+    assert p.stage("compile").reasons == ["compile.onnxruntime.threads: 2 -> 1"]
     assert p.stage("verify").reasons == ["upstream compile rebuilt"]
     objects = sorted((tiny_cache / "objects").rglob("record.json"))
-    r = build(TINY, ["compile.num_cores=1"], cache_dir=tiny_cache)
-    assert [s["state"] for s in r.stages] == ["cached"] * 3 + ["built"] * 2
+    r = build(TINY, ["compile.onnxruntime.threads=1"], cache_dir=tiny_cache)
+    assert [s["state"] for s in r.stages] == ["cached"] * 2 + ["built"] * 2
     session = json.loads((Path(r.artifacts["compiled"]) / "session.json").read_text())
     assert session["intra_op_num_threads"] == 1
     assert len(sorted((tiny_cache / "objects").rglob("record.json"))) == len(objects) + 2
 
 
 def test_yaml_and_toml_manifests_have_identical_keys(tmp_path: Path) -> None:
-    y = plan(TINY, ["compile.num_cores=3"], cache_dir=tmp_path)
-    t = plan(TINY.with_suffix(".toml"), ["compile.num_cores=3"], cache_dir=tmp_path)
+    y = plan(TINY, ["compile.onnxruntime.threads=3"], cache_dir=tmp_path)
+    t = plan(TINY.with_suffix(".toml"), ["compile.onnxruntime.threads=3"], cache_dir=tmp_path)
     assert [s.key for s in y.stages] == [s.key for s in t.stages]
     assert not tmp_path.joinpath("objects").exists()
 
@@ -99,9 +99,9 @@ def test_changed_weight_byte_rebuilds_from_load(tmp_path: Path, write_manifest) 
     p = plan(m, cache_dir=cache)
     assert all(s.state == "build" for s in p.stages)
     assert p.stage("load").reasons == ["weights: model.safetensors changed"]
-    assert p.stage("export").reasons == ["upstream transform rebuilt"]
+    assert p.stage("export").reasons == ["upstream load rebuilt"]
     r = build(m, cache_dir=cache)
-    assert [s["state"] for s in r.stages] == ["built"] * 5
+    assert [s["state"] for s in r.stages] == ["built"] * 4
     assert build(m, cache_dir=cache).stages[0]["state"] == "cached"
 
 
@@ -115,12 +115,12 @@ def test_changed_tool_fingerprint_rebuilds_dependent_stages_only(tiny_cache: Pat
     proc = run_qbuild("plan", str(TINY), "--json", cache=tiny_cache, env=env, check=True)
     rows = {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
     assert {n: r["state"] for n, r in rows.items()} == {
-        "load": "cached", "transform": "cached", "export": "cached", "compile": "build", "verify": "build"}
+        "load": "cached", "export": "cached", "compile": "build", "verify": "build"}
     assert rows["compile"]["reasons"] == [f"onnxruntime {onnxruntime.__version__} -> 9.9.9"]
     assert rows["verify"]["reasons"] == [f"onnxruntime {onnxruntime.__version__} -> 9.9.9",
                                          "upstream compile rebuilt"]
     out = run_qbuild(str(TINY), "--json", cache=tiny_cache, env=env, check=True)
-    assert [s["state"] for s in json_lines(out.stdout)[-1]["stages"]] == ["cached"] * 3 + ["built"] * 2
+    assert [s["state"] for s in json_lines(out.stdout)[-1]["stages"]] == ["cached"] * 2 + ["built"] * 2
 
 
 def test_corrupt_cached_file_is_reported_and_rebuilt(tiny_cache: Path) -> None:
@@ -133,7 +133,7 @@ def test_corrupt_cached_file_is_reported_and_rebuilt(tiny_cache: Path) -> None:
     proc = run_qbuild("plan", str(TINY), cache=tiny_cache, check=True)
     assert "cached output corrupt: model.onnx digest mismatch" in proc.stdout
     r = build(TINY, cache_dir=tiny_cache)
-    assert [s["state"] for s in r.stages] == ["cached", "cached", "cached", "built", "cached"]
+    assert [s["state"] for s in r.stages] == ["cached", "cached", "built", "cached"]
     assert all(s.state == "cached" for s in plan(TINY, cache_dir=tiny_cache).stages)
 
 
@@ -159,17 +159,18 @@ def test_sigkill_during_export_leaves_no_entry(tmp_path: Path) -> None:
     assert not (cache / "objects" / "export" / export_key).exists()
     assert plan(TINY, big, cache_dir=cache).stage("export").state == "build"
     r = build(TINY, big, cache_dir=cache)
-    assert [s["state"] for s in r.stages][2:] == ["built"] * 3
+    assert [s["state"] for s in r.stages][1:] == ["built"] * 3
     assert not list((cache / "staging").iterdir())
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("compile.num_corse=2", ["compile.num_corse", "num_cores"]),
+        ("compile.onnxruntime.thread=2", ["compile.onnxruntime.thread", "threads"]),
         ("model=tiny-lama", ["model", "tiny-llama"]),
-        ("compile.num_cores=abc", ["compile.num_cores", "abc"]),
-        ("compile.num_cores=-1", ["compile.num_cores", "-1"]),
+        ("compile.onnxruntime.threads=abc", ["compile.onnxruntime.threads", "abc"]),
+        ("compile.onnxruntime.threads=-1", ["compile.onnxruntime.threads", "-1"]),
+        ("compile.num_cores=4", ["compile.num_cores: moved", "compile.qaic.num_cores", "compile.onnxruntime.threads"]),
         ("seq.lengths=[512]", ["seq.lengths", "512"]),
     ],
 )
@@ -185,7 +186,7 @@ def test_bad_overrides_fail_cleanly_and_write_nothing(tmp_path: Path, override: 
 
 
 def test_missing_model_fails_cleanly(tmp_path: Path, write_manifest) -> None:
-    m = write_manifest({"defaults": ["_self_"], "compile": {"num_cores": 1}})
+    m = write_manifest({"defaults": ["_self_"], "compile": {"onnxruntime": {"threads": 1}}})
     proc = run_qbuild(str(m), cache=tmp_path / "cache")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model" in proc.stderr and not (tmp_path / "cache").exists()
@@ -216,6 +217,6 @@ def test_hub_id_resolves_from_the_local_hub_cache(tmp_path: Path, write_manifest
     m = write_manifest({"defaults": ["_self_"], "model": {"name": "acme/tiny"}, "verify": {"enabled": False}})
     env = {"HF_HUB_CACHE": str(hub)}
     proc = run_qbuild(str(m), "--json", cache=tmp_path / "cache", env=env, check=True)
-    assert [s["state"] for s in json_lines(proc.stdout)[-1]["stages"]] == ["built"] * 4
+    assert [s["state"] for s in json_lines(proc.stdout)[-1]["stages"]] == ["built"] * 3
     other = run_qbuild("plan", str(m), "model.revision=v2", cache=tmp_path / "cache", env=env)
     assert other.returncode == 3 and "acme/tiny" in other.stderr and "revision v2" in other.stderr

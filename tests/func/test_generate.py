@@ -34,7 +34,7 @@ def _family_overrides(model: str) -> list[str]:
 @pytest.mark.parametrize("model", sorted(FAMILIES))
 def test_family_tokens_equal_hf_generate(model: str, tmp_path: Path) -> None:
     result = build(KV, _family_overrides(model), cache_dir=tmp_path)
-    assert [s["state"] for s in result.stages] == ["built"] * 5  # verify built == tokens matched HF
+    assert [s["state"] for s in result.stages] == ["built"] * 4  # verify built == tokens matched HF
     report = json.loads(Path(result.artifacts["report"]).read_text())
     assert report["prompt_tokens"][0] < 8 < report["prompt_tokens"][1]
     assert report["prefill_chunks"] >= 2  # longer than the largest bucket: prefilled in chunks of 8
@@ -83,16 +83,17 @@ def test_prompt_longer_than_context_is_a_clear_error(tmp_path: Path) -> None:
 def test_bucket_change_recompiles_without_reexport(tmp_path: Path) -> None:
     build(KV, ["verify.enabled=false"], cache_dir=tmp_path)
     p = plan(KV, ["verify.enabled=false", "seq.lengths=[16,64]"], cache_dir=tmp_path)
-    assert {s.name: s.state for s in p.stages} == {"load": "cached", "transform": "cached", "export": "cached",
+    assert {s.name: s.state for s in p.stages} == {"load": "cached", "export": "cached",
                                                    "compile": "build"}
-    assert p.stage("compile").reasons[0].startswith("specializations:")
+    assert p.stage("compile").reasons == ["seq.lengths: [32, 128] -> [16, 64]"]
 
 
 def test_fixed_shape_sessions_give_the_same_tokens(tmp_path: Path) -> None:
     common = ["seq.lengths=[4,8]", "verify.enabled=false"]
-    dynamic = run(KV, [*common, "compile.session=dynamic"], prompts=[PROMPTS[1]], max_new_tokens=12,
+    dynamic = run(KV, [*common, "compile.onnxruntime.session=dynamic"], prompts=[PROMPTS[1]], max_new_tokens=12,
                   cache_dir=tmp_path)
-    fixed = run(KV, [*common, "compile.session=fixed"], prompts=[PROMPTS[1]], max_new_tokens=12, cache_dir=tmp_path)
+    fixed = run(KV, [*common, "compile.onnxruntime.session=fixed"], prompts=[PROMPTS[1]], max_new_tokens=12,
+                cache_dir=tmp_path)
     assert fixed.tokens == dynamic.tokens and fixed.stats["prefill_chunks"] >= 3
     auto = build(KV, common, cache_dir=tmp_path)
     choice = json.loads((Path(auto.artifacts["compiled"]) / "session.json").read_text())["session"]
@@ -106,7 +107,9 @@ def test_verify_names_the_prompt_and_first_differing_token(tmp_path: Path) -> No
     from qbuild.manifest import compose
     from qbuild.models.source import init_random
     from qbuild.models.tokenizer import train_bpe
-    from qbuild.stages.base import Source, StageContext
+    from qbuild.runtime import open_artifact
+    from qbuild.stages.base import StageContext
+    from qbuild.stages.verify import VerifyStage
     from qbuild.store import Store
     from qbuild.tasks import task_for
 
@@ -117,9 +120,12 @@ def test_verify_names_the_prompt_and_first_differing_token(tmp_path: Path) -> No
     train_bpe(config["vocab_size"], other)
     m = compose(KV, [f"model.path={other}", "~model.init", "~model.architecture", "~model.config", "~model.tokenizer",
                      "verify.max_new_tokens=8"]).manifest
-    ctx = StageContext(m, Source("path", other), tmp_path / "out", {}, {}, Store(tmp_path / "cache"))
+    store = Store(tmp_path / "cache")
+    task = task_for(m)
+    params = VerifyStage(task).resolve(m, store.stats).params
+    ctx = StageContext(tmp_path / "out", {}, {}, store)
     with pytest.raises(VerifyError, match=r"for prompt 'My name is' at new token \d+: expected \["):
-        task_for(m).verify(ctx, Path(built.artifacts["compiled"]))
+        task.verify(params, ctx, open_artifact(Path(built.artifacts["compiled"])))
 
 
 def test_run_refuses_an_artifact_it_cannot_execute_before_building(tmp_path: Path) -> None:

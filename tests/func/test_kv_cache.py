@@ -119,7 +119,7 @@ def check_family(family: str, tmp_path: Path, *, exporter: str = "legacy", opset
     """HF == transformed PyTorch (whole and chunked prefill) == ONNX Runtime; logits within ATOL."""
     import numpy as np
 
-    from qbuild.exporters.kv_causal_lm import export_kv_causal_lm
+    from qbuild.tasks.kv_causal_lm import export_kv_causal_lm
     from qbuild.transforms import apply_transforms
 
     model = tiny_model(family)
@@ -131,7 +131,7 @@ def check_family(family: str, tmp_path: Path, *, exporter: str = "legacy", opset
     assert tokens == expected
     chunked, _ = kv_greedy(torch_step(model), shape, PROMPTS, NEW_TOKENS, chunk=8)
     assert chunked == expected
-    info = export_kv_causal_lm(model, tmp_path, exporter=exporter, opset=opset, ctx_len=CTX_LEN, batch_size=1)
+    info = export_kv_causal_lm(model, tmp_path, exporter=exporter, opset=opset)
     ort_tokens, ort_logits = kv_greedy(ort_step(tmp_path / info["onnx"]), shape, PROMPTS, NEW_TOKENS, chunk=8)
     assert ort_tokens == expected
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits, pt_logits, strict=True))
@@ -153,12 +153,12 @@ def test_graph_contract(tmp_path: Path) -> None:
     """Names, dtypes and symbolic dims exactly as the runtime and qaic backend expect; standard ops only."""
     import onnx
 
-    from qbuild.exporters.kv_causal_lm import export_kv_causal_lm
+    from qbuild.tasks.kv_causal_lm import export_kv_causal_lm
     from qbuild.transforms import apply_transforms
 
     model = tiny_model("llama")
     apply_transforms(model, ["kv_cache"])
-    export_kv_causal_lm(model, tmp_path, exporter="legacy", opset=17, ctx_len=CTX_LEN, batch_size=1)
+    export_kv_causal_lm(model, tmp_path, exporter="legacy", opset=17)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
 
     def sig(values: Any) -> list[tuple[str, int, list[Any]]]:

@@ -33,8 +33,8 @@ ATOL = 1e-4
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny random llama saved to disk, loaded, legacy-exported and compiled (shared, read-only)."""
     from qbuild.backends.onnxruntime import compile_onnx
-    from qbuild.exporters.causal_lm import export_causal_lm
     from qbuild.models.source import init_random, load_model
+    from qbuild.tasks.causal_lm import export_causal_lm
 
     root = tmp_path_factory.mktemp("tiny")
     init = init_random("llama", TINY_LLAMA, 0, "float32", root / "model")
@@ -58,8 +58,8 @@ def _padded_inputs(lengths: list[int], seq_len: int, seed: int):
 def test_modules_import_without_heavy_packages() -> None:
     code = (
         "import sys\n"
-        "import qbuild.models.source, qbuild.transforms, qbuild.exporters.causal_lm\n"
-        "import qbuild.backends.onnxruntime, qbuild.verify.causal_lm\n"
+        "import qbuild.models.source, qbuild.transforms, qbuild.tasks.causal_lm\n"
+        "import qbuild.backends.onnxruntime, qbuild.tasks.causal_lm\n"
         "from qbuild.transforms import known_transforms, transform_versions\n"
         "known_transforms(); transform_versions([])\n"
         "heavy = {'torch', 'transformers', 'onnx', 'onnxruntime', 'numpy'} & set(sys.modules)\n"
@@ -132,8 +132,8 @@ def test_compile_writes_session_json(tiny: dict) -> None:
 
 
 def test_verify_passes(tiny: dict) -> None:
-    from qbuild.backends.onnxruntime import open_session
-    from qbuild.verify.causal_lm import verify_causal_lm
+    from qbuild.runtime.onnxruntime import open_session
+    from qbuild.tasks.causal_lm import verify_causal_lm
 
     session = open_session(tiny["root"] / "compiled")
     report = verify_causal_lm(tiny["model"], session, batch_size=4, seq_len=16, seed=0, atol=ATOL, vocab_size=VOCAB)
@@ -147,7 +147,7 @@ def test_ort_matches_torch_other_shape(tiny: dict) -> None:
     import numpy as np
     import torch
 
-    from qbuild.backends.onnxruntime import open_session
+    from qbuild.runtime.onnxruntime import open_session
 
     ids, mask = _padded_inputs([11, 7, 1], 11, seed=5)
     session = open_session(tiny["root"] / "compiled", num_threads=1)
@@ -163,9 +163,9 @@ def test_ort_matches_torch_other_shape(tiny: dict) -> None:
 def test_tampered_reference_fails_verify(tiny: dict) -> None:
     import torch
 
-    from qbuild.backends.onnxruntime import open_session
     from qbuild.models.source import load_model
-    from qbuild.verify.causal_lm import verify_causal_lm
+    from qbuild.runtime.onnxruntime import open_session
+    from qbuild.tasks.causal_lm import verify_causal_lm
 
     model = load_model(tiny["root"] / "model", "causal_lm", "float32")  # a private copy to tamper with
     with torch.no_grad():
@@ -177,9 +177,9 @@ def test_tampered_reference_fails_verify(tiny: dict) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None, reason="dynamo export needs onnxscript")
 def test_dynamo_export_compiles_and_verifies(tiny: dict) -> None:
-    from qbuild.backends.onnxruntime import compile_onnx, open_session
-    from qbuild.exporters.causal_lm import export_causal_lm
-    from qbuild.verify.causal_lm import verify_causal_lm
+    from qbuild.backends.onnxruntime import compile_onnx
+    from qbuild.runtime.onnxruntime import open_session
+    from qbuild.tasks.causal_lm import export_causal_lm, verify_causal_lm
 
     root = tiny["root"]
     export = export_causal_lm(tiny["model"], root / "dynamo", exporter="dynamo", opset=18)
@@ -192,7 +192,7 @@ def test_dynamo_export_compiles_and_verifies(tiny: dict) -> None:
 
 
 def test_dynamo_refuses_low_opset(tiny: dict, tmp_path: Path) -> None:
-    from qbuild.exporters.causal_lm import export_causal_lm
+    from qbuild.tasks.causal_lm import export_causal_lm
 
     with pytest.raises(ExportError, match="opset >= 18"):
         export_causal_lm(tiny["model"], tmp_path, exporter="dynamo", opset=17)
@@ -201,7 +201,7 @@ def test_dynamo_refuses_low_opset(tiny: dict, tmp_path: Path) -> None:
 def test_export_failure_is_one_line_with_cause(tmp_path: Path) -> None:
     import torch
 
-    from qbuild.exporters.causal_lm import export_causal_lm
+    from qbuild.tasks.causal_lm import export_causal_lm
 
     class Broken(torch.nn.Module):
         config = types.SimpleNamespace(vocab_size=16)
@@ -276,9 +276,10 @@ def test_per_tensor_external_data_is_gathered(tiny: dict, tmp_path: Path) -> Non
     """The legacy exporter writes one file per tensor above 2 GiB; export folds them into one."""
     import onnx
 
-    from qbuild.backends.onnxruntime import compile_onnx, open_session
-    from qbuild.exporters.common import gather_external_data
-    from qbuild.verify.causal_lm import verify_causal_lm
+    from qbuild.backends.onnxruntime import compile_onnx
+    from qbuild.runtime.onnxruntime import open_session
+    from qbuild.tasks.causal_lm import verify_causal_lm
+    from qbuild.tasks.export_common import gather_external_data
 
     proto = onnx.load(str(tiny["root"] / "export" / "model.onnx"))
     onnx.save_model(

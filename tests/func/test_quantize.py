@@ -30,10 +30,10 @@ def test_quantised_build_runs_and_is_smaller(tmp_path: Path, mode: str, ops: set
     import onnx
 
     ref = build(KV, BASE, cache_dir=tmp_path)
-    p = plan(KV, [*BASE, f"compile.quantize={mode}"], cache_dir=tmp_path)
-    assert [s.state for s in p.stages] == ["cached", "cached", "cached", "build"]  # export reused
-    assert any(f"compile.quantize={mode}" in n for n in p.notes)  # verify skipped, and said why
-    q = build(KV, [*BASE, f"compile.quantize={mode}"], cache_dir=tmp_path)
+    p = plan(KV, [*BASE, f"compile.onnxruntime.quantize={mode}"], cache_dir=tmp_path)
+    assert [s.state for s in p.stages] == ["cached", "cached", "build"]  # export reused
+    assert any(f"compile.onnxruntime.quantize={mode}" in n for n in p.notes)  # verify skipped, and said why
+    q = build(KV, [*BASE, f"compile.onnxruntime.quantize={mode}"], cache_dir=tmp_path)
     qdir, rdir = Path(q.artifacts["compiled"]), Path(ref.artifacts["compiled"])
     graph_ops = {n.op_type for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node}
     assert graph_ops & ops

@@ -21,10 +21,11 @@ def _write(path: Path, data: dict) -> Path:
 def test_memo_hit_skips_hydra(tmp_path: Path) -> None:
     m = _write(tmp_path / "m" / "x.yaml", {"defaults": [{"model": "tiny-llama"}, "_self_"]})
     memo = tmp_path / "memo"
-    first = compose(m, ["compile.num_cores=3"], memo_dir=memo)
+    first = compose(m, ["compile.onnxruntime.threads=3"], memo_dir=memo)
     assert len(list(memo.glob("*.json"))) == 1
     code = ("import sys, json; from qbuild.manifest import compose\n"
-            f"c = compose({str(m)!r}, ['compile.num_cores=3'], memo_dir=__import__('pathlib').Path({str(memo)!r}))\n"
+            f"c = compose({str(m)!r}, ['compile.onnxruntime.threads=3'], "
+            f"memo_dir=__import__('pathlib').Path({str(memo)!r}))\n"
             "print(json.dumps({'hydra': 'hydra' in sys.modules, 'config': c.config}))")
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                     check=True).stdout)
@@ -34,12 +35,12 @@ def test_memo_hit_skips_hydra(tmp_path: Path) -> None:
 def test_changed_group_file_or_override_misses(tmp_path: Path) -> None:
     m = _write(tmp_path / "m" / "x.yaml", {"defaults": [{"compile": "mine"}, "_self_"],
                                            "model": {"init": "random", "architecture": "llama"}})
-    group = _write(tmp_path / "m" / "compile" / "mine.yaml", {"num_cores": 4})
+    group = _write(tmp_path / "m" / "compile" / "mine.yaml", {"onnxruntime": {"threads": 4}})
     memo = tmp_path / "memo"
-    assert compose(m, memo_dir=memo).manifest.compile.num_cores == 4
-    _write(group, {"num_cores": 5})
-    assert compose(m, memo_dir=memo).manifest.compile.num_cores == 5
-    assert compose(m, ["compile.num_cores=6"], memo_dir=memo).manifest.compile.num_cores == 6
+    assert compose(m, memo_dir=memo).manifest.compile.onnxruntime.threads == 4
+    _write(group, {"onnxruntime": {"threads": 5}})
+    assert compose(m, memo_dir=memo).manifest.compile.onnxruntime.threads == 5
+    assert compose(m, ["compile.onnxruntime.threads=6"], memo_dir=memo).manifest.compile.onnxruntime.threads == 6
 
 
 def test_resolvers_are_not_memoised(tmp_path: Path, monkeypatch) -> None:
@@ -58,7 +59,7 @@ def test_invalid_config_is_not_memoised(tmp_path: Path) -> None:
 
     from qbuild.errors import ManifestError
 
-    m = _write(tmp_path / "x.yaml", {"compile": {"num_cores": 0}})
+    m = _write(tmp_path / "x.yaml", {"compile": {"onnxruntime": {"threads": 0}}})
     with pytest.raises(ManifestError):
         compose(m, memo_dir=tmp_path / "memo")
     assert not (tmp_path / "memo").exists()

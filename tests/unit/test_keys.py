@@ -20,21 +20,27 @@ def test_tool_version_reads_metadata() -> None:
 
 
 def _ident(**kw: object) -> dict:
-    base = {"stage": "compile", "version": 1, "params": {"compile.num_cores": 2}, "sources": {},
-            "upstream": {"export": "k1"}, "tools": {"onnxruntime": "1.31.1"}}
+    base = {"stage": "compile", "params": {"threads": 2, "model": {"dtype": "float32"}}, "sources": {},
+            "upstream": {"export": "k1"}, "tools": {"onnxruntime": "1.31.1"}, "code": {"stages/compile.py": "a"}}
     return {**base, **kw}
 
 
 def test_explain_names_each_change_with_values() -> None:
-    prev = _ident()
-    now = _ident(params={"compile.num_cores": 1}, tools={"onnxruntime": "1.32.0"},
-                 upstream={"export": "k2"}, sources={"model.safetensors": "x"}, version=2)
-    assert explain(prev, now) == [
-        "stage version 1 -> 2",
-        "compile.num_cores: 2 -> 1",
+    """Changed params are named by the manifest keys they were read from; everything else by what it is."""
+    prev = {"identity": _ident(), "reads": {"compile.onnxruntime.threads": 2, "compile.qaic.timeout_s": 5}}
+    now = _ident(params={"threads": 1, "model": {"dtype": "float32"}}, tools={"onnxruntime": "1.32.0"},
+                 upstream={"export": "k2"}, sources={"model.safetensors": "x"},
+                 code={"stages/compile.py": "b", "backends/onnxruntime.py": "c"})
+    assert explain(prev, now, {"compile.onnxruntime.threads": 1, "compile.qaic.timeout_s": 5}) == [
+        "compile.onnxruntime.threads: 2 -> 1",
         "onnxruntime 1.31.1 -> 1.32.0",
         "weights: model.safetensors added",
+        "recipe code: qbuild/backends/onnxruntime.py added",
+        "recipe code: qbuild/stages/compile.py changed",
         "upstream export rebuilt",
     ]
-    assert explain(None, now) == ["no record"]
-    assert explain(_ident(sources={"a": "1"}), _ident(sources={"a": "2"})) == ["weights: a changed"]
+    # params changed although no manifest value did (a machine fact): the params fields are named
+    machine = _ident(params={"threads": 2, "model": {"dtype": "bfloat16"}})
+    assert explain({"identity": _ident(), "reads": {}}, machine, {}) == ["model.dtype: float32 -> bfloat16"]
+    assert explain(None, now, {}) == ["no record"]
+    assert explain({"identity": _ident(sources={"a": "1"})}, _ident(sources={"a": "2"}), {}) == ["weights: a changed"]

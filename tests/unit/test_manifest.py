@@ -57,12 +57,15 @@ def test_tiny_llama_composes() -> None:
 def test_manifest_is_frozen() -> None:
     m = compose(YAML).manifest
     with pytest.raises(dataclasses.FrozenInstanceError):
-        m.compile.num_cores = 4  # type: ignore[misc]
+        m.compile.onnxruntime.threads = 4  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.compile.qaic.num_cores = 4  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["compile.num_cores=8", "seq=buckets", "+model.config.rope_theta=10000.0", "verify.seq_len=8"]],
+    [[], ["compile.onnxruntime.threads=8", "seq=buckets", "+model.config.rope_theta=10000.0", "verify.seq_len=8"],
+     ["compile=qaic", "compile.qaic.num_cores=8"]],
 )
 def test_yaml_and_toml_compose_identically(overrides: list[str]) -> None:
     from_yaml, from_toml = compose(YAML, overrides), compose(TOML, overrides)
@@ -73,7 +76,7 @@ def test_yaml_and_toml_compose_identically(overrides: list[str]) -> None:
 
 def test_overrides_change_values() -> None:
     overrides = [
-        "compile.num_cores=8",
+        "compile.qaic.num_cores=8",
         "compile=qaic",
         "seq=buckets",
         "verify.seq_len=8",  # not in the manifest: the schema default is overridden
@@ -84,7 +87,7 @@ def test_overrides_change_values() -> None:
     ]
     c = compose(YAML, overrides)
     m = c.manifest
-    assert (m.compile.backend, m.compile.num_cores) == ("qaic", 8)
+    assert (m.compile.backend, m.compile.qaic.num_cores, m.compile.onnxruntime.threads) == ("qaic", 8, 2)
     assert (m.seq.lengths, m.seq.ctx_len) == ([32, 128], 256)
     assert (m.verify.seq_len, m.export.opset) == (8, 18)
     assert m.model.config["hidden_size"] == 32 and m.model.config["rope_theta"] == 10000.0
@@ -102,13 +105,14 @@ def test_manifest_in_any_directory_uses_shipped_and_local_groups(tmp_path: Path)
           - compile: qaic
           - _self_
         compile:
-          num_cores: 4
+          qaic:
+            num_cores: 4
         """,
     )
     c = compose(manifest)
     assert c.name == "my" and c.source == manifest.resolve()
     assert c.manifest.model.path == "/models/local"
-    assert (c.manifest.seq.lengths, c.manifest.compile.backend, c.manifest.compile.num_cores) == (
+    assert (c.manifest.seq.lengths, c.manifest.compile.backend, c.manifest.compile.qaic.num_cores) == (
         [32, 128],
         "qaic",
         4,
@@ -119,7 +123,7 @@ def test_manifest_in_any_directory_uses_shipped_and_local_groups(tmp_path: Path)
         tmp_path / "my.toml",
         """\
         defaults = [{model = "local"}, {seq = "buckets"}, {compile = "qaic"}, "_self_"]
-        compile = {num_cores = 4}
+        compile = {qaic = {num_cores = 4}}
         """,
     )
     assert compose(toml).config == c.config
@@ -137,7 +141,7 @@ def test_repeated_compose_restores_global_hydra() -> None:
     # inside a running Hydra app (e.g. a @hydra.main sweep) its state is left as it was
     with initialize_config_dir(config_dir=str(REPO / "manifests"), version_base=None, job_name="outer"):
         outer = GlobalHydra.instance().hydra
-        assert compose(YAML, ["compile.num_cores=3"]).manifest.compile.num_cores == 3
+        assert compose(YAML, ["compile.onnxruntime.threads=3"]).manifest.compile.onnxruntime.threads == 3
         assert GlobalHydra.instance().hydra is outer
         assert JobRuntime().get("name") == "outer"
 
@@ -159,11 +163,13 @@ def test_yml_suffix(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "key", "fragments"),
     [
-        ("compile.num_corse=2", "compile.num_corse", ["unknown key", "num_cores", "did you mean"]),
+        ("compile.onnxruntime.thread=2", "compile.onnxruntime.thread", ["unknown key", "threads", "did you mean"]),
         ("model=tiny-lama", "model", ["unknown option 'tiny-lama'", "available: ", "did you mean 'tiny-llama'"]),
-        ("compile.num_cores=abc", "compile.num_cores", ["expected int", "'abc'"]),
-        ("compile.num_cores=-1", "compile.num_cores", ["-1", "between 1 and 64"]),
-        ("compile.num_cores=true", "compile.num_cores", ["expected int", "bool"]),
+        ("compile.onnxruntime.threads=abc", "compile.onnxruntime.threads", ["expected int", "'abc'"]),
+        ("compile.onnxruntime.threads=-1", "compile.onnxruntime.threads", ["-1", "between 1 and 64"]),
+        ("compile.onnxruntime.threads=true", "compile.onnxruntime.threads", ["expected int", "bool"]),
+        ("compile.qaic.num_cores=abc", "compile.qaic.num_cores", ["expected int", "'abc'"]),
+        ("compile.qaic.num_cores=65", "compile.qaic.num_cores", ["65", "between 1 and 64"]),
         ("seq.lengths=[512]", "seq.lengths", ["[512]", "seq.ctx_len=128"]),
         ("seq.lengths=[0]", "seq.lengths", ["seq.lengths[0]", ">= 1"]),
         ("verify.seq_len=1000", "verify.seq_len", ["1000", "seq.ctx_len=128"]),
@@ -181,18 +187,18 @@ def test_bad_override(override: str, key: str, fragments: list[str]) -> None:
         assert fragment in str(err)
 
 
-@pytest.mark.parametrize("override", ["compile.num_cores=[1", "=3", "compile.num_cores"])
+@pytest.mark.parametrize("override", ["compile.onnxruntime.threads=[1", "=3", "compile.onnxruntime.threads"])
 def test_override_syntax_error_names_the_override(override: str) -> None:
     err = manifest_error(YAML, [override])
     assert repr(override) in str(err) and "invalid syntax" in str(err)
 
 
 def test_sweep_override_is_rejected() -> None:
-    assert "sweep" in str(manifest_error(YAML, ["compile.num_cores=1,2"]))
+    assert "sweep" in str(manifest_error(YAML, ["compile.onnxruntime.threads=1,2"]))
 
 
 def test_missing_model(tmp_path: Path) -> None:
-    err = manifest_error(write(tmp_path / "nomodel.yaml", "compile:\n  num_cores: 4\n"))
+    err = manifest_error(write(tmp_path / "nomodel.yaml", "compile:\n  onnxruntime:\n    threads: 4\n"))
     assert err.key == "model"
     assert "missing model source" in str(err) and "model.path" in str(err) and "model.name" in str(err)
 
@@ -259,9 +265,9 @@ def test_to_manifest_defaults_and_conversions() -> None:
 @pytest.mark.parametrize(
     ("data", "key", "fragments"),
     [
-        ({"compile": {"num_cores": True}}, "compile.num_cores", ["expected int", "bool True"]),
+        ({"compile": {"onnxruntime": {"threads": True}}}, "compile.onnxruntime.threads", ["expected int", "bool True"]),
         ({"verify": {"atol": "x"}}, "verify.atol", ["expected float", "str 'x'"]),
-        ({"compile": {"mxfp6_matmul": 1}}, "compile.mxfp6_matmul", ["expected bool", "int 1"]),
+        ({"compile": {"qaic": {"mxfp6_matmul": 1}}}, "compile.qaic.mxfp6_matmul", ["expected bool", "int 1"]),
         ({"model": {"revision": None}}, "model.revision", ["expected str", "null"]),
         ({"model": {"path": 3}}, "model.path", ["expected str or null", "int 3"]),
         ({"model": {"config": [1]}}, "model.config", ["expected mapping"]),
@@ -287,7 +293,139 @@ def test_to_manifest_errors(data: dict, key: str, fragments: list[str]) -> None:
 def test_unknown_key_without_close_match_has_no_suggestion() -> None:
     with pytest.raises(ManifestError) as info:
         to_manifest({**TINY, "compile": {"zzz": 1}})
-    assert "did you mean" not in str(info.value) and "num_cores" in str(info.value)
+    assert "did you mean" not in str(info.value) and "onnxruntime, qaic" in str(info.value)
+
+
+# --- one configuration per backend: moved keys, the new keys ---------------------------------------
+
+#: old key -> (a value that was valid there, the new places its error must name)
+MOVED = {
+    "compile.num_cores": (4, ["compile.qaic.num_cores", "compile.onnxruntime.threads"]),
+    "compile.graph_optimization": ("all", ["compile.onnxruntime.graph_optimization"]),
+    "compile.quantize": ("int8", ["compile.onnxruntime.quantize"]),
+    "compile.session": ("fixed", ["compile.onnxruntime.session"]),
+    "compile.mxfp6_matmul": (True, ["compile.qaic.mxfp6_matmul"]),
+    "compile.mxint8_kv_cache": (True, ["compile.qaic.mxint8_kv_cache"]),
+    "compile.num_devices": (2, ["compile.qaic.num_devices"]),
+}
+
+
+def _check_moved(err: ManifestError, old: str) -> None:
+    assert err.key == old, str(err)
+    assert str(err).startswith(f"{old}: moved"), str(err)
+    for new in MOVED[old][1]:
+        assert new in str(err)
+    assert "unknown key" not in str(err)
+
+
+def test_moved_keys_table_is_complete() -> None:
+    assert sorted(validate_mod.MOVED_KEYS) == sorted(MOVED)
+
+
+def test_moved_key_messages() -> None:
+    assert validate_mod.MOVED_KEYS["compile.num_cores"] == (
+        "moved; use compile.qaic.num_cores (Cloud AI 100 NSP cores) or "
+        "compile.onnxruntime.threads (ONNX Runtime threads)")
+    with pytest.raises(ManifestError) as info:
+        to_manifest({**TINY, "compile": {"quantize": "int8"}})
+    assert str(info.value) == "compile.quantize: moved to compile.onnxruntime.quantize"
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_key_in_a_mapping(old: str) -> None:
+    name = old.split(".", 1)[1]
+    with pytest.raises(ManifestError) as info:
+        to_manifest({**TINY, "compile": {"backend": "qaic", name: MOVED[old][0]}})
+    _check_moved(info.value, old)
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_key_in_yaml_toml_and_group_files(tmp_path: Path, old: str) -> None:
+    name, value = old.split(".", 1)[1], MOVED[old][0]
+    shown = str(value).lower() if isinstance(value, bool) else value
+    quoted = f'"{shown}"' if isinstance(value, str) else shown
+    _check_moved(manifest_error(write(tmp_path / "m.yaml", f"""\
+        defaults:
+          - model: tiny-llama
+          - _self_
+        compile:
+          {name}: {shown}
+        """)), old)
+    _check_moved(manifest_error(write(tmp_path / "m.toml", f"""\
+        defaults = [{{model = "tiny-llama"}}, "_self_"]
+        compile = {{{name} = {quoted}}}
+        """)), old)
+    write(tmp_path / "compile" / "mine.yaml", f"backend: qaic\n{name}: {shown}\n")
+    _check_moved(manifest_error(write(tmp_path / "g.yaml", """\
+        defaults:
+          - model: tiny-llama
+          - compile: mine
+        """)), old)
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+@pytest.mark.parametrize("manifest", [YAML, TOML])
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+def test_moved_key_as_an_override(old: str, manifest: Path, prefix: str) -> None:
+    value = MOVED[old][0]
+    shown = str(value).lower() if isinstance(value, bool) else value
+    _check_moved(manifest_error(manifest, [f"{prefix}{old}={shown}"]), old)
+    _check_moved(manifest_error(manifest, ["compile=qaic", f"{prefix}{old}={shown}"]), old)
+
+
+def test_moved_key_deleted_by_an_override() -> None:
+    _check_moved(manifest_error(YAML, ["~compile.num_cores"]), "compile.num_cores")
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [
+        ({"onnxruntime": {"threads": 0}}, "compile.onnxruntime.threads", "between 1 and 64"),
+        ({"onnxruntime": {"threads": 65}}, "compile.onnxruntime.threads", "between 1 and 64"),
+        ({"onnxruntime": {"graph_optimization": "max"}}, "compile.onnxruntime.graph_optimization",
+         "basic, extended, all"),
+        ({"onnxruntime": {"quantize": "int2"}}, "compile.onnxruntime.quantize", "none, int8, int4"),
+        ({"onnxruntime": {"session": "static"}}, "compile.onnxruntime.session", "auto, fixed, dynamic"),
+        ({"qaic": {"num_cores": 0}}, "compile.qaic.num_cores", "between 1 and 64"),
+        ({"qaic": {"num_cores": 65}}, "compile.qaic.num_cores", "between 1 and 64"),
+        ({"qaic": {"num_devices": 0}}, "compile.qaic.num_devices", ">= 1"),
+        ({"qaic": {"mxint8_kv_cache": "yes"}}, "compile.qaic.mxint8_kv_cache", "expected bool"),
+        ({"onnxruntime": {"num_cores": 4}}, "compile.onnxruntime.num_cores", "threads"),
+        ({"qaic": {"threads": 4}}, "compile.qaic.threads", "num_cores"),
+    ],
+)
+def test_new_backend_keys_are_validated(data: dict, key: str, fragment: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        to_manifest({**TINY, "compile": data})
+    assert info.value.key == key and fragment in str(info.value)
+
+
+def test_new_backend_keys_accept_their_ranges() -> None:
+    m = to_manifest({**TINY, "compile": {
+        "onnxruntime": {"threads": 64, "graph_optimization": "all", "quantize": "int4", "session": "fixed"},
+        "qaic": {"num_cores": 1, "mxfp6_matmul": True, "mxint8_kv_cache": True, "num_devices": 4}}})
+    ort, q = m.compile.onnxruntime, m.compile.qaic
+    assert (ort.threads, ort.graph_optimization, ort.quantize, ort.session) == (64, "all", "int4", "fixed")
+    assert (q.num_cores, q.mxfp6_matmul, q.mxint8_kv_cache, q.num_devices) == (1, True, True, 4)
+    d = to_manifest(TINY).compile
+    assert (d.onnxruntime.threads, d.onnxruntime.graph_optimization, d.onnxruntime.quantize,
+            d.onnxruntime.session) == (2, "extended", "none", "auto")
+    assert (d.qaic.num_cores, d.qaic.mxfp6_matmul, d.qaic.mxint8_kv_cache, d.qaic.num_devices) == (16, False, False, 1)
+
+
+@pytest.mark.parametrize("manifest", [YAML, TOML])
+def test_compile_qaic_keeps_the_two_core_counts_apart(manifest: Path) -> None:
+    """No field with two meanings: compile=qaic sets the NSP cores; the ORT threads keep their default."""
+    m = compose(manifest, ["compile=qaic"]).manifest
+    assert (m.compile.backend, m.compile.qaic.num_cores, m.compile.onnxruntime.threads) == ("qaic", 16, 2)
+    assert not hasattr(m.compile, "num_cores")
+    m = compose(manifest, ["compile=qaic-mxfp6"]).manifest
+    assert (m.compile.qaic.num_cores, m.compile.qaic.mxfp6_matmul, m.compile.qaic.mxint8_kv_cache) == (16, True, True)
+    assert m.compile.onnxruntime.threads == 2
+    m = compose(manifest, ["compile=qaic", "compile.onnxruntime.threads=4"]).manifest
+    assert (m.compile.qaic.num_cores, m.compile.onnxruntime.threads) == (16, 4)
+    m = compose(manifest).manifest  # onnxruntime: the qaic settings keep their own defaults
+    assert (m.compile.backend, m.compile.onnxruntime.threads, m.compile.qaic.num_cores) == ("onnxruntime", 2, 16)
 
 
 def test_unknown_transform(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -310,7 +448,7 @@ def test_compose_imports_no_torch() -> None:
         f"""\
         import sys
         from qbuild.manifest import compose
-        compose({str(YAML)!r}, ["compile.num_cores=4"])
+        compose({str(YAML)!r}, ["compile.onnxruntime.threads=4"])
         compose({str(TOML)!r})
         heavy = sorted(m for m in ("torch", "transformers", "onnx", "onnxruntime") if m in sys.modules)
         assert not heavy, heavy

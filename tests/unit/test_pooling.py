@@ -11,7 +11,7 @@ import pytest
 
 from qbuild.errors import ManifestError
 from qbuild.manifest.validate import to_manifest
-from qbuild.pooling import check_method, load_function, resolve_pooling, source_digest, st_metadata
+from qbuild.transforms.pooling import check_method, load_function, resolve_pooling, source_digest, st_metadata
 
 ENCODER = {"task": "embedding", "init": "random", "architecture": "bert"}
 

@@ -50,24 +50,26 @@ class Case:
 
 
 CASES = {
-    "causal_lm_2_prefill": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16}}, specs=[
+    "causal_lm_2_prefill": Case({**KV, "compile": {"backend": "qaic", "qaic": {"num_cores": 16}}}, specs=[
         {"name": "Prefill_0", "symbols": {"batch_size": 1, "seq_len": 32, "ctx_len": 128}},
         {"name": "Prefill_1", "symbols": {"batch_size": 1, "seq_len": 64, "ctx_len": 128}},
         {"name": "Decode", "symbols": {"batch_size": 1, "seq_len": 1, "ctx_len": 128}}]),
-    "embedding_3_lengths": Case({"model": {"task": "embedding"}, "compile": {"backend": "qaic", "num_cores": 16}},
+    "embedding_3_lengths": Case({"model": {"task": "embedding"},
+                                 "compile": {"backend": "qaic", "qaic": {"num_cores": 16}}},
                                 specs=[{"name": f"Embedding_{i}", "symbols": {"batch_size": 1, "seq_len": n}}
                                        for i, n in enumerate([32, 64, 128])], io=EMB_IO, retained_state=False),
-    "mxfp6_matmul": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16, "mxfp6_matmul": True}}),
-    "mxint8_kv_cache": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16, "mxint8_kv_cache": True}}),
-    "num_devices_4": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16, "num_devices": 4}}),
-    "mos_depth_first": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16,
-                                               "qaic": {"mos": 1, "aic_enable_depth_first": True}}}),
+    "mxfp6_matmul": Case({**KV, "compile": {"backend": "qaic", "qaic": {"num_cores": 16, "mxfp6_matmul": True}}}),
+    "mxint8_kv_cache": Case({**KV, "compile": {"backend": "qaic",
+                                               "qaic": {"num_cores": 16, "mxint8_kv_cache": True}}}),
+    "num_devices_4": Case({**KV, "compile": {"backend": "qaic", "qaic": {"num_cores": 16, "num_devices": 4}}}),
+    "mos_depth_first": Case({**KV, "compile": {"backend": "qaic",
+                                               "qaic": {"num_cores": 16, "mos": 1, "aic_enable_depth_first": True}}}),
     "ai200_bf16": Case({**KV, "model": {"dtype": "bfloat16"},
-                        "compile": {"backend": "qaic", "num_cores": 16, "qaic": {"aic_hw_version": "ai200"}}}),
-    "old_sdk_flat": Case({**KV, "compile": {"backend": "qaic", "num_cores": 16}}, sdk=OLD_SDK),
+                        "compile": {"backend": "qaic", "qaic": {"num_cores": 16, "aic_hw_version": "ai200"}}}),
+    "old_sdk_flat": Case({**KV, "compile": {"backend": "qaic", "qaic": {"num_cores": 16}}}, sdk=OLD_SDK),
     "subfunctions_extra_flags": Case(
-        {**KV, "compile": {"backend": "qaic", "num_cores": 16,
-                           "qaic": {"ols": 2, "node_precision_info": "fp32_nodes.yaml",
+        {**KV, "compile": {"backend": "qaic",
+                           "qaic": {"num_cores": 16, "ols": 2, "node_precision_info": "fp32_nodes.yaml",
                                     "extra_flags": {"stats-batchsize": 4, "-aic-perf-metrics": True,
                                                     "aic-pmu-recipe": False}}}},
         io=KV_IO_FUNCTIONS, sub_functions=True),
@@ -110,7 +112,7 @@ def test_the_named_format_needs_the_1_21_sdk_unless_the_manifest_says() -> None:
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    ({"aic-num-cores": 4}, "use compile.num_cores instead"),
+    ({"aic-num-cores": 4}, "use compile.qaic.num_cores instead"),
     ({"-mos": 2}, "use compile.qaic.mos instead"),
     ({"aic-binary-dir": "/tmp/x"}, "is set by qbuild"),
     ({"device-group": [0, 1]}, "expected true, false, a number or a string"),
@@ -132,7 +134,8 @@ def _params(tmp_path: Path, **compile_: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("change", [
-    {"num_cores": 8}, {"mxfp6_matmul": True}, {"mxint8_kv_cache": True}, {"num_devices": 2},
+    {"qaic": {"num_cores": 8}}, {"qaic": {"mxfp6_matmul": True}}, {"qaic": {"mxint8_kv_cache": True}},
+    {"qaic": {"num_devices": 2}},
     {"qaic": {"mos": 2}}, {"qaic": {"aic_enable_depth_first": True}}, {"qaic": {"ols": 2}},
     {"qaic": {"aic_hw_version": "ai200"}}, {"qaic": {"convert_to_fp16": False}},
     {"qaic": {"specializations_format": "flat"}}, {"qaic": {"extra_flags": {"aic-perf-metrics": True}}},
@@ -143,7 +146,8 @@ def test_every_flag_changes_the_key_params(tmp_path: Path, change: dict[str, Any
 
 @pytest.mark.parametrize("change", [
     {"qaic": {"timeout_s": 5}}, {"qaic": {"compiler": "/elsewhere/qaic-compile"}}, {"qaic": {"sdk_dir": "/x"}},
-    {"qaic": {"extra_flags": {"aic-perf-metrics": False}}}, {"graph_optimization": "all"},
+    {"qaic": {"extra_flags": {"aic-perf-metrics": False}}},
+    {"onnxruntime": {"graph_optimization": "all"}}, {"onnxruntime": {"threads": 8}},
 ])
 def test_what_does_not_change_the_command_does_not_change_the_key_params(tmp_path: Path,
                                                                          change: dict[str, Any]) -> None:

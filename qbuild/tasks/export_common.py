@@ -20,13 +20,6 @@ DYNAMO_MIN_OPSET = 18
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 
 
-def one_line(exc: BaseException) -> str:
-    """``Type: first line`` of an exception (with the next line when the first ends in a colon)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
 def example_inputs(vocab_size: int) -> tuple[Any, Any]:
     """Batch 2, length 8; the second row is right-padded so the mask path is traced."""
     import torch

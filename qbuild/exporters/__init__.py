@@ -1,1 +1,0 @@
-"""PyTorch -> ONNX exporters, one module per task."""

@@ -1,1 +1,0 @@
-"""Verification of compiled artifacts against the PyTorch reference."""
