@@ -2,6 +2,9 @@
 
 Field metadata drives validation (``qbuild.manifest.validate``):
 ``choices`` (allowed values), ``min`` / ``max`` (inclusive range), ``help`` (shown in errors).
+Two more facts are declared here for the keys (``tests/unit/test_key_property.py`` walks them):
+``content=True``: the value locates files whose content, not the value, is keyed (a copy elsewhere
+builds nothing new); ``key=False``: the value cannot change any output (a time limit).
 Cross-field rules live in ``check_manifest``.
 """
 
@@ -22,15 +25,15 @@ class ModelSpec:
     """Where the weights come from: exactly one of ``path``, ``name`` or ``init: random``."""
 
     task: str = _f("causal_lm", choices=["causal_lm", "embedding"])
-    path: str | None = _f(None, help="local directory in save_pretrained format")
-    name: str | None = _f(None, help="hub id, resolved from the local Hugging Face cache")
-    revision: str = _f("main")
+    path: str | None = _f(None, content=True, help="local directory in save_pretrained format")
+    name: str | None = _f(None, content=True, help="hub id, resolved from the local Hugging Face cache")
+    revision: str = _f("main", content=True)
     init: str | None = _f(None, choices=[None, "random"], help="random: initialise from `architecture`")
     architecture: str | None = _f(None, help="transformers model_type for init: random, e.g. llama")
     config: dict[str, Any] = _f(factory=dict, help="config overrides (init: random) ")
     seed: int = _f(0, min=0)
     dtype: str = _f("float32", choices=["float32", "float16", "bfloat16"])
-    tokenizer: str | None = _f(None, help="tokenizer directory; default: the model directory; "
+    tokenizer: str | None = _f(None, content=True, help="tokenizer directory; default: the model directory; "
                                           "train-bpe: train a byte-level BPE with vocab = model vocab")
 
 
@@ -74,8 +77,8 @@ class ExportSpec:
 class QaicSpec:
     """Cloud AI 100 compiler settings (used only by the qaic backend)."""
 
-    compiler: str | None = _f(None, help="path to qaic-compile / qaic-exec; default: the SDK's")
-    sdk_dir: str | None = _f(None, help="SDK root; default $QAIC_SDK_DIR or /opt/qti-aic")
+    compiler: str | None = _f(None, content=True, help="path to qaic-compile / qaic-exec; default: the SDK's")
+    sdk_dir: str | None = _f(None, content=True, help="SDK root; default $QAIC_SDK_DIR or /opt/qti-aic")
     aic_hw_version: str | None = _f(None, choices=[None, "ai100", "ai200"], help="default: detected")
     specializations_format: str = _f("auto", choices=["auto", "named", "flat"],
                                      help="auto: named from Apps SDK 1.21 on, flat for older or unknown SDKs")
@@ -83,10 +86,10 @@ class QaicSpec:
     mos: int | None = _f(None, min=1, help="max output splits (-mos)")
     aic_enable_depth_first: bool = _f(False)
     ols: int | None = _f(None, min=1, help="overlap split factor (-ols)")
-    node_precision_info: str | None = _f(None, help="YAML of nodes kept in fp32 (-node-precision-info)")
+    node_precision_info: str | None = _f(None, content=True, help="YAML of nodes kept in fp32 (-node-precision-info)")
     extra_flags: dict[str, Any] = _f(factory=dict, help="extra compiler flags by name: true -> -flag, a value -> "
                                                         "-flag=value, false -> omitted; e.g. {aic-perf-metrics: true}")
-    timeout_s: int = _f(7200, min=1)
+    timeout_s: int = _f(7200, min=1, key=False)  # a limit on the compiler's run, not an input to it
     num_cores: int = _f(16, min=1, max=64, help="-aic-num-cores: NSP cores per device")
     mxfp6_matmul: bool = _f(False)
     mxint8_kv_cache: bool = _f(False)

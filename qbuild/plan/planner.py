@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qbuild.manifest import ComposedManifest
+from qbuild.manifest import ComposedManifest, Manifest
 from qbuild.plan.graph import stages_for
 from qbuild.plan.keys import digest
 from qbuild.plan.params import code_digest, keyed, recording
@@ -67,9 +67,10 @@ class Resolution:
     reads: dict[str, Any]
 
 
-def resolve_stages(composed: ComposedManifest, store: Store) -> tuple[list[Resolution], list[str]]:
-    """Each stage of the manifest's graph with its resolved params, key and identity (pure)."""
-    stages, notes = stages_for(composed.manifest)
+def resolve_stages(m: Manifest, store: Store) -> tuple[list[Resolution], list[str]]:
+    """Each stage of the manifest's graph with its resolved params, key, identity and the manifest values
+    it read (pure: reads files' digests through the stat cache and asks the machine, writes nothing)."""
+    stages, notes = stages_for(m)
     keys: dict[str, str] = {}
     out = []
     for stage in stages:
@@ -78,7 +79,7 @@ def resolve_stages(composed: ComposedManifest, store: Store) -> tuple[list[Resol
             if skip:
                 notes.append(f"verify: skipped, {skip}")
                 continue
-        view, reads = recording(composed.manifest)
+        view, reads = recording(m)
         resolved = stage.resolve(view, store.stats)
         ident = identity(stage, resolved, {u: keys[u] for u in stage.upstream}, code_digest(stage.code, store.stats))
         keys[stage.name] = digest(ident)
@@ -100,7 +101,7 @@ def _verify_skipped(compiled: Resolution) -> str | None:
 
 def make_plan(composed: ComposedManifest, store: Store) -> Plan:
     """Plan the build of ``composed`` against ``store`` (pure: reads the cache, writes nothing)."""
-    resolved, notes = resolve_stages(composed, store)
+    resolved, notes = resolve_stages(composed.manifest, store)
     mid = manifest_id(composed)
     history = store.read_history(mid).get("stages", {})
     planned: list[StagePlan] = []

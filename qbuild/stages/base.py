@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from qbuild.manifest.schema import Manifest
@@ -102,7 +103,7 @@ class Stage:
     #: installed packages whose versions shape the output
     tools: tuple[str, ...] = ()
     #: manifest values that chose this stage's task or backend (recorded by the graph)
-    selected_by: dict[str, Any] = {}
+    selected_by: Mapping[str, Any] = MappingProxyType({})
 
     def resolve(self, m: Manifest, stats: StatCache) -> Resolved:
         """The frozen params (and input digests, tool versions) this stage runs on; pure but for reading

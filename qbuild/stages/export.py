@@ -14,7 +14,7 @@ from typing import Any
 from qbuild.manifest.schema import Manifest
 from qbuild.plan.keys import fingerprints
 from qbuild.stages.base import ModelRef, Resolved, Stage, StageContext
-from qbuild.stages.load import resolve_model
+from qbuild.stages.load import rewritten_model
 from qbuild.store import StatCache
 from qbuild.tasks import Task
 
@@ -38,13 +38,8 @@ class ExportStage(Stage):
         self.code = ("stages/export.py", "stages/base.py", "transforms/**/*.py", "models/*.py", *task.code)
 
     def resolve(self, m: Manifest, stats: StatCache) -> Resolved:
-        from qbuild.transforms import transform_versions
-
-        model, _tok = resolve_model(m)
-        names = tuple(m.transforms.apply)
-        model = ModelRef(model.task, model.dtype, model.random, model.directory, names,
-                         tuple(transform_versions(names).items()))
-        p = ExportParams(self.task.name, model, m.export.exporter, m.export.opset, self.task.export_options(m))
+        p = ExportParams(self.task.name, rewritten_model(m), m.export.exporter, m.export.opset,
+                         self.task.export_options(m))
         return Resolved(p, tools=fingerprints(self.tools))
 
     def describe(self, p: ExportParams) -> list[str]:

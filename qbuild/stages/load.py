@@ -93,6 +93,15 @@ def resolve_model(m: Manifest) -> tuple[ModelRef, TokenizerRef]:
     return ModelRef(spec.task, spec.dtype, spec.init == "random", directory), tok
 
 
+def rewritten_model(m: Manifest) -> ModelRef:
+    """The model as export and verify load it: the load stage's, with ``transforms.apply`` rewrites."""
+    from qbuild.transforms import transform_versions
+
+    model, _tok = resolve_model(m)
+    names = tuple(m.transforms.apply)
+    return replace(model, transforms=names, transform_versions=tuple(transform_versions(names).items()))
+
+
 def _weights_dir(m: Manifest) -> Path:
     spec = m.model
     if spec.path is not None:
@@ -140,6 +149,13 @@ class LoadStage(Stage):
         if spec.init == "random":
             p = replace(p, architecture=spec.architecture, config=freeze(dict(spec.config)), seed=spec.seed)
         return Resolved(p, source_files(model, tok, stats), fingerprints(self.tools))
+
+    def describe(self, p: LoadParams) -> list[str]:
+        if p.model.random:
+            what = f"random {p.architecture} weights (seed {p.seed})" + (", a trained BPE" if p.train_bpe else "")
+        else:
+            what = f"the checkpoint at {p.model.directory}" + (f" ({p.hub})" if p.hub else "")
+        return [f"load: {what}, {p.model.dtype}, as {p.model.task}"]
 
     def run(self, p: LoadParams, ctx: StageContext) -> dict[str, Any]:
         if p.model.random:

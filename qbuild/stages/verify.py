@@ -10,7 +10,7 @@ from typing import Any
 from qbuild.manifest.schema import Manifest
 from qbuild.plan.keys import fingerprints
 from qbuild.stages.base import ModelRef, Resolved, Stage, StageContext, TokenizerRef
-from qbuild.stages.load import resolve_model
+from qbuild.stages.load import resolve_model, rewritten_model
 from qbuild.store import StatCache
 from qbuild.tasks import Task
 
@@ -32,13 +32,12 @@ class VerifyStage(Stage):
         self.code = ("stages/verify.py", "runtime/*.py", *task.code)
 
     def resolve(self, m: Manifest, stats: StatCache) -> Resolved:
-        from qbuild.transforms import transform_versions
+        _model, tok = resolve_model(m)
+        p = VerifyParams(rewritten_model(m), tok, self.task.verify_options(m))
+        return Resolved(p, tools=fingerprints(self.tools))
 
-        model, tok = resolve_model(m)
-        names = tuple(m.transforms.apply)
-        model = ModelRef(model.task, model.dtype, model.random, model.directory, names,
-                         tuple(transform_versions(names).items()))
-        return Resolved(VerifyParams(model, tok, self.task.verify_options(m)), tools=fingerprints(self.tools))
+    def describe(self, p: VerifyParams) -> list[str]:
+        return [f"verify: the artifact against PyTorch: {p.check}"]
 
     def run(self, p: VerifyParams, ctx: StageContext) -> dict[str, Any]:
         from qbuild.runtime import open_artifact
