@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from qbuild.backends import Backend, qaic_command, qaic_sdk
 from qbuild.backends.qaic_command import QaicOptions
 from qbuild.backends.qaic_sdk import Sdk, sdk_dir
-from qbuild.errors import CompileError, PlanError
+from qbuild.errors import CompileError, PlanError, one_line
 from qbuild.manifest.schema import Manifest
 from qbuild.plan.params import unkeyed
 
@@ -37,7 +37,11 @@ def onnx_io(path: Path) -> tuple[list[str], bool]:
     """The graph's input and output names, and whether it holds ONNX functions (weights not loaded)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CompileError(f"cannot read the ONNX graph {path}: {one_line(exc)}",
+                           hint="rebuild the export stage (its cache entry may be damaged)") from exc
     names = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
     return names, len(model.functions) > 0
 
