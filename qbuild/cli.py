@@ -15,6 +15,7 @@ from qbuild.errors import EXIT_INTERRUPTED, QBuildError
 COMMANDS = ("build", "plan", "run", "embed")
 
 USAGE = """qbuild [build] MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
+       qbuild MANIFEST -m KEY=A,B [KEY2=[..],[..] ...] [--launcher joblib|basic|...] [--jobs N] [--sweep-dir DIR]
        qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]
        qbuild run MANIFEST [KEY=VALUE ...] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--json]
        qbuild embed MANIFEST [KEY=VALUE ...] --text TEXT [--text ...] [--file FILE] [--json]"""
@@ -31,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
                    help="print the resolved configuration and exit")
     p.add_argument("--explain", action="store_true", help="plan: print the exact compiler command / configuration")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep: Hydra's sweeper over the overrides, one build per combination")
+    p.add_argument("--launcher", default="joblib", help="sweep: Hydra launcher (joblib: parallel processes here; "
+                                                        "basic: one after another; submitit_slurm, ray, ...)")
+    p.add_argument("--jobs", type=int, help="sweep: parallel jobs of the joblib launcher (default min(4, CPUs))")
+    p.add_argument("--sweep-dir", help="sweep: where Hydra's per-job directories and the tables go "
+                                       "(default <cache>/sweeps/<time>-<manifest>)")
+    p.add_argument("--fail-fast", action="store_true", help="sweep: stop at the first failed job")
     p.add_argument("--prompt", action="append", default=[], help="run: a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="run: tokens to generate per prompt")
     return p
@@ -44,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.cfg:
             return _print_cfg(ns)
+        if ns.multirun and command != "build":
+            from qbuild.errors import ManifestError
+
+            raise ManifestError(f"-m/--multirun sweeps builds; qbuild {command} takes one configuration")
+        if ns.multirun:
+            return _sweep(ns)
         return {"plan": _plan, "run": _run, "embed": _embed}.get(command, _build)(ns)
     except QBuildError as exc:
         return _fail(exc, ns.json)
@@ -113,6 +128,22 @@ def _build(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(result.summary()))
     return 0
+
+
+def _sweep(ns: argparse.Namespace) -> int:
+    from qbuild.store import default_cache_dir
+    from qbuild.sweep import render, sweep
+
+    result = sweep(ns.manifest, ns.overrides, cache_dir=ns.cache_dir or default_cache_dir(),
+                   sweep_dir=ns.sweep_dir, launcher=ns.launcher, jobs=ns.jobs, fail_fast=ns.fail_fast)
+    if ns.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(f"qbuild sweep: {len(result.rows)} jobs, {len(result.failed)} failed, {result.seconds:.2f}s "
+              f"({result.sweep_dir})")
+        print(render(result))
+        print(f"  table: {result.sweep_dir / 'results.csv'}")
+    return 1 if result.failed else 0
 
 
 def _run(ns: argparse.Namespace) -> int:

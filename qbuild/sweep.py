@@ -1,0 +1,219 @@
+"""Sweeps: ``qbuild MANIFEST -m KEY=A,B KEY2=[..],[..]`` through Hydra's own sweeper and a Hydra launcher.
+
+Hydra expands the overrides (its grammar: ``a,b``, ``range()``, ``choice()``, globs; any sweeper plugin)
+and hands one job per combination to the launcher (``joblib`` processes on this machine by default,
+``basic`` in-process, or any installed launcher, e.g. ``submitit_slurm`` or ``ray``). Every job is an
+ordinary qbuild build of its composed manifest, with the same cache, keys and locks, so stages shared by
+the jobs (load, export) are built once. Each job writes its row to ``<sweep dir>/<job num>/qbuild.json``;
+the parent collects the rows into one table (also ``results.csv`` and ``results.json``). Hydra's per-job
+directories live under the sweep directory (default ``<cache>/sweeps/``); the working directory does
+not change and gets no ``outputs/`` or ``multirun/`` folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qbuild.errors import ManifestError, QBuildError
+
+ROW_FILE = "qbuild.json"
+STOP_FILE = "STOP"
+#: launcher names -> the Hydra launcher option (the plugin must be installed)
+LAUNCHERS = {"joblib": "joblib", "basic": "basic", "submitit_local": "submitit_local",
+             "submitit_slurm": "submitit_slurm", "ray": "ray"}
+
+
+@dataclass
+class SweepResult:
+    """One row per job, in job order; where the per-job directories and the table files are."""
+
+    sweep_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] != "ok"]
+
+    def summary(self) -> dict[str, Any]:
+        return {"sweep_dir": str(self.sweep_dir), "jobs": len(self.rows), "failed": len(self.failed),
+                "seconds": round(self.seconds, 3), "rows": self.rows}
+
+
+class _Job:
+    """The task function Hydra's launcher runs once per job (picklable: launchers ship it to workers)."""
+
+    def __init__(self, manifest: str, cache_dir: str, fail_fast: bool) -> None:
+        self.manifest, self.cache_dir, self.fail_fast = manifest, cache_dir, fail_fast
+
+    def __call__(self, _cfg: Any) -> dict[str, Any]:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        overrides = [str(o) for o in hc.overrides.task]
+        stop = Path(hc.sweep.dir) / STOP_FILE  # written by a failed job under --fail-fast
+        if self.fail_fast and stop.exists():
+            row = {"job": int(hc.job.num), "overrides": _shown(overrides), "status": "skipped", "seconds": 0.0,
+                   "error_class": "", "error": f"not run: {stop.read_text(encoding='utf-8').strip()}"}
+        else:
+            row = run_job(self.manifest, overrides, self.cache_dir, job=int(hc.job.num))
+            if self.fail_fast and row["status"] != "ok":
+                stop.write_text(f"job {row['job']} failed (--fail-fast)\n", encoding="utf-8")
+        out = Path(hc.runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ROW_FILE).write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
+        return row
+
+
+def _shown(overrides: list[str]) -> list[str]:
+    return [o[2:] if o.startswith("++") else o for o in overrides]
+
+
+def run_job(manifest: str, overrides: list[str], cache_dir: str, job: int = 0) -> dict[str, Any]:
+    """Build one job's manifest; its row for the table (a failure is a row, not an exception)."""
+    from qbuild.api import build
+    from qbuild.execute.reporter import Reporter
+
+    row: dict[str, Any] = {"job": job, "overrides": _shown(overrides), "status": "ok", "pid": os.getpid()}
+    t0 = time.monotonic()
+    try:
+        result = build(manifest, overrides, cache_dir=cache_dir, reporter=Reporter())
+    except QBuildError as exc:
+        row.update(status="failed", error_class=type(exc).__name__, error=exc.message)
+    else:
+        states = {s["name"]: s["state"] for s in result.stages}
+        compiled = Path(result.artifacts.get("compiled", ""))
+        row.update(stages=states, keys={s["name"]: s["key"][:12] for s in result.stages},
+                   compile_s=next((s["seconds"] for s in result.stages if s["name"] == "compile"), None),
+                   artifact_bytes=_size(compiled) if compiled.is_dir() else None,
+                   verify="passed" if "verify" in states else "skipped")
+    row["seconds"] = round(time.monotonic() - t0, 3)
+    return row
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def sweep(manifest: str | os.PathLike[str], overrides: list[str], *, cache_dir: str | os.PathLike[str],
+          sweep_dir: str | os.PathLike[str] | None = None, launcher: str = "joblib", jobs: int | None = None,
+          fail_fast: bool = False) -> SweepResult:
+    """Run Hydra's sweeper over ``overrides`` and build every job; return the rows."""
+    from qbuild.manifest.compose import _resolve
+
+    path = _resolve(manifest)
+    cache = Path(cache_dir).absolute()
+    if launcher not in LAUNCHERS:
+        raise ManifestError(f"--launcher: unknown launcher {launcher!r}; known: {', '.join(LAUNCHERS)}")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    out = Path(sweep_dir).absolute() if sweep_dir else cache / "sweeps" / f"{stamp}-{path.stem}"
+    hydra_args = [f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${hydra.job.num}", "hydra.job.chdir=False",
+                  "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                  f"hydra/launcher={LAUNCHERS[launcher]}"]
+    if launcher == "joblib":
+        hydra_args.append(f"hydra.launcher.n_jobs={jobs or min(4, os.cpu_count() or 1)}")
+    t0 = time.monotonic()
+    _multirun(path, _sweep_overrides(overrides) + hydra_args, _Job(str(path), str(cache), fail_fast))
+    result = SweepResult(out, collect(out), time.monotonic() - t0)
+    write_tables(result)
+    return result
+
+
+def _sweep_overrides(overrides: list[str]) -> list[str]:
+    """Plain ``key=a,b`` -> ``++key=a,b`` for manifest keys (so keys the manifest leaves to the schema's
+    defaults sweep too); group choices (``model=a,b``) and Hydra's own keys stay as they are."""
+    from qbuild.manifest.compose import _schema_groups
+
+    groups = _schema_groups()
+    out = []
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        plain = "=" in text and not key.startswith(("+", "~", "hydra.", "hydra/")) and "/" not in key
+        out.append("++" + text if plain and key not in groups else text)
+    return out
+
+
+def _multirun(path: Path, overrides: list[str], task: _Job) -> None:
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qbuild.manifest.compose import SHIPPED_CONF, _plugin_active, _read_data, _translate
+
+    config_name = path.stem
+    data = _read_data(path) if path.suffix != ".yaml" else None
+    if data is not None:  # TOML / .yml: the primary config from the ConfigStore, as compose() does
+        config_name = f"__qbuild_sweep_{os.getpid()}__"
+        ConfigStore.instance().store(name=config_name, node=data)
+    if not _plugin_active():
+        overrides = [*overrides, f"hydra.searchpath=[{SHIPPED_CONF}]"]
+    # no compose lock here: with the basic launcher the jobs compose in this process, inside this Hydra app
+    GlobalHydra.instance().clear()
+    try:
+        hydra = Hydra.create_main_hydra2("qbuild", create_config_search_path(str(path.parent)))
+        try:
+            hydra.multirun(config_name=config_name, task_function=task, overrides=overrides)
+        except QBuildError:
+            raise
+        except Exception as e:
+            if type(e).__module__.startswith(("hydra", "omegaconf")):
+                raise _translate(e, path, hydra.config_loader) from None
+            raise
+    finally:
+        GlobalHydra.instance().clear()
+        if data is not None:
+            ConfigStore.instance().repo.pop(f"{config_name}.yaml", None)
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The rows the jobs wrote, in job order."""
+    rows = []
+    for f in sweep_dir.glob(f"*/{ROW_FILE}"):
+        try:
+            rows.append(json.loads(f.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    return sorted(rows, key=lambda r: r["job"])
+
+
+COLUMNS = ("job", "overrides", "status", "load", "export", "compile", "verify", "compile_s", "artifact_bytes",
+           "seconds", "error")
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for r in rows:
+        stages = r.get("stages", {})
+        cells = {"job": str(r["job"]), "overrides": " ".join(r["overrides"]), "status": r["status"],
+                 **{s: stages.get(s, "-") for s in ("load", "export", "compile", "verify")},
+                 "compile_s": "" if r.get("compile_s") is None else f"{r['compile_s']:.2f}",
+                 "artifact_bytes": "" if r.get("artifact_bytes") is None else str(r["artifact_bytes"]),
+                 "seconds": f"{r['seconds']:.2f}",
+                 "error": f"{r['error_class']}: {r['error']}" if r["status"] != "ok" else ""}
+        out.append(cells)
+    return out
+
+
+def render(result: SweepResult) -> str:
+    """The table as aligned text."""
+    rows = table_rows(result.rows)
+    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in COLUMNS).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def write_tables(result: SweepResult) -> None:
+    result.sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(result.sweep_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(table_rows(result.rows))
+    (result.sweep_dir / "results.json").write_text(json.dumps(result.summary(), indent=1) + "\n", encoding="utf-8")
