@@ -98,3 +98,18 @@ def test_sweep_api_returns_rows(tmp_path: Path, launcher: str) -> None:
                    launcher=launcher, jobs=2)
     assert [r["status"] for r in result.rows] == ["ok", "ok"]
     assert len(records(tmp_path, "export")) == 1
+
+
+def test_the_sweep_runs_with_the_submitit_local_launcher(tmp_path: Path) -> None:
+    """submitit (the SLURM launcher) in its local mode: jobs are separate submitit processes, same cache."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'qbuild[slurm]'")
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    proc = qbuild(str(KV), "-m", "compile.onnxruntime.threads=1,2", "seq.lengths=[16],[16,32]", *FAST,
+                  "--launcher", "submitit_local", "--json", cwd=work, cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert [r["status"] for r in out["rows"]] == ["ok"] * 4
+    assert len({r["pid"] for r in out["rows"]}) == 4  # one submitit process per job
+    assert len(records(cache, "export")) == 1 and len(records(cache, "compile")) == 4
+    assert (Path(out["sweep_dir"]) / ".submitit").is_dir() and sorted(work.iterdir()) == []
