@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-dir", help="sweep: where Hydra's per-job directories and the tables go "
                                        "(default <cache>/sweeps/<time>-<manifest>)")
     p.add_argument("--fail-fast", action="store_true", help="sweep: stop at the first failed job")
+    p.add_argument("--measure", action="store_true",
+                   help="sweep: time a short fixed decode / embed on each artifact (tokens/s, embeddings/s)")
     p.add_argument("--prompt", action="append", default=[], help="run: a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="run: tokens to generate per prompt")
     return p
@@ -135,7 +137,8 @@ def _sweep(ns: argparse.Namespace) -> int:
     from qbuild.sweep import render, sweep
 
     result = sweep(ns.manifest, ns.overrides, cache_dir=ns.cache_dir or default_cache_dir(),
-                   sweep_dir=ns.sweep_dir, launcher=ns.launcher, jobs=ns.jobs, fail_fast=ns.fail_fast)
+                   sweep_dir=ns.sweep_dir, launcher=ns.launcher, jobs=ns.jobs, fail_fast=ns.fail_fast,
+                   measure=ns.measure)
     if ns.json:
         print(json.dumps(result.summary()))
     else:

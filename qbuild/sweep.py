@@ -103,8 +103,10 @@ def _size(directory: Path) -> int:
 
 def sweep(manifest: str | os.PathLike[str], overrides: list[str], *, cache_dir: str | os.PathLike[str],
           sweep_dir: str | os.PathLike[str] | None = None, launcher: str = "joblib", jobs: int | None = None,
-          fail_fast: bool = False) -> SweepResult:
-    """Run Hydra's sweeper over ``overrides`` and build every job; return the rows."""
+          fail_fast: bool = False, measure: bool = False) -> SweepResult:
+    """Run Hydra's sweeper over ``overrides`` and build every job; return the rows. ``measure``: then time a
+    short fixed decode (KV causal LMs) or embed (embedding models) on each built artifact, one job after
+    another in this process, so no measurement competes with another job for the CPU."""
     from qbuild.manifest.compose import _resolve
 
     path = _resolve(manifest)
@@ -121,8 +123,39 @@ def sweep(manifest: str | os.PathLike[str], overrides: list[str], *, cache_dir: 
     t0 = time.monotonic()
     _multirun(path, _sweep_overrides(overrides) + hydra_args, _Job(str(path), str(cache), fail_fast))
     result = SweepResult(out, collect(out), time.monotonic() - t0)
+    if measure:
+        for row in result.rows:
+            if row["status"] == "ok":
+                row["measure"] = measure_job(str(path), row["overrides"], str(cache))
     write_tables(result)
     return result
+
+
+#: the fixed workload --measure runs on every artifact (the same for every job of a sweep)
+MEASURE_PROMPTS = ("My name is", "The quick brown fox jumps over the lazy dog and")
+MEASURE_NEW_TOKENS = 32
+MEASURE_TEXTS = tuple(f"sentence {i}: compile transformers for Cloud AI 100 and measure them" for i in range(64))
+
+
+def measure_job(manifest: str, overrides: list[str], cache_dir: str) -> dict[str, Any]:
+    """``{"figure", "value"}`` of a short fixed run on the job's (cached) artifact, or why there is none."""
+    from qbuild import api
+    from qbuild.execute.reporter import Reporter
+    from qbuild.manifest import compose
+    from qbuild.tasks import task_name
+
+    try:
+        name = task_name(compose(manifest, overrides).manifest)
+        if name == "causal_lm_kv":
+            r = api.run(manifest, overrides, prompts=list(MEASURE_PROMPTS), max_new_tokens=MEASURE_NEW_TOKENS,
+                        cache_dir=cache_dir, reporter=Reporter())
+            return {"figure": "decode_tok_s", "value": r.stats["decode_tok_s"]}
+        if name == "embedding":
+            e = api.embed(manifest, list(MEASURE_TEXTS), overrides, cache_dir=cache_dir, reporter=Reporter())
+            return {"figure": "embed_per_s", "value": round(len(MEASURE_TEXTS) / e.seconds, 2)}
+        return {"skipped": f"no measurement for task {name}"}
+    except QBuildError as exc:
+        return {"skipped": f"{type(exc).__name__}: {exc.message}"}
 
 
 def _sweep_overrides(overrides: list[str]) -> list[str]:
@@ -184,7 +217,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 COLUMNS = ("job", "overrides", "status", "load", "export", "compile", "verify", "compile_s", "artifact_bytes",
-           "seconds", "error")
+           "seconds", "measure", "error")
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -195,10 +228,16 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                  **{s: stages.get(s, "-") for s in ("load", "export", "compile", "verify")},
                  "compile_s": "" if r.get("compile_s") is None else f"{r['compile_s']:.2f}",
                  "artifact_bytes": "" if r.get("artifact_bytes") is None else str(r["artifact_bytes"]),
-                 "seconds": f"{r['seconds']:.2f}",
+                 "seconds": f"{r['seconds']:.2f}", "measure": _measure_cell(r.get("measure")),
                  "error": f"{r['error_class']}: {r['error']}" if r["status"] != "ok" else ""}
         out.append(cells)
     return out
+
+
+def _measure_cell(m: dict[str, Any] | None) -> str:
+    if not m:
+        return ""
+    return f"{m['value']} {m['figure']}" if "value" in m else "-"
 
 
 def render(result: SweepResult) -> str:

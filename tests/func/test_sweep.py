@@ -113,3 +113,20 @@ def test_the_sweep_runs_with_the_submitit_local_launcher(tmp_path: Path) -> None
     assert len({r["pid"] for r in out["rows"]}) == 4  # one submitit process per job
     assert len(records(cache, "export")) == 1 and len(records(cache, "compile")) == 4
     assert (Path(out["sweep_dir"]) / ".submitit").is_dir() and sorted(work.iterdir()) == []
+
+
+@pytest.mark.parametrize(("manifest", "figure"), [(KV, "decode_tok_s"), (ROOT / "manifests" / "tiny-bert.yaml",
+                                                                           "embed_per_s"),
+                                                   (ROOT / "manifests" / "tiny-llama.yaml", None)])
+def test_measure_times_a_fixed_run_on_each_artifact(tmp_path: Path, manifest: Path, figure: str | None) -> None:
+    from qbuild.sweep import render, sweep
+
+    result = sweep(manifest, ["compile.onnxruntime.session=fixed,dynamic", "verify.enabled=false"],
+                   cache_dir=tmp_path, launcher="basic", measure=True)
+    measures = [r["measure"] for r in result.rows]
+    if figure is None:  # a causal LM without a KV cache has no runtime to time
+        assert all("no measurement" in m["skipped"] for m in measures)
+        return
+    assert [m["figure"] for m in measures] == [figure, figure] and all(m["value"] > 0 for m in measures)
+    assert figure in render(result)
+    assert json.loads((result.sweep_dir / "results.json").read_text())["rows"][0]["measure"]["figure"] == figure
