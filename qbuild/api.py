@@ -45,17 +45,22 @@ def plan(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *
 
 
 def build(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
-          cache_dir: PathLike | None = None, reporter: Reporter | None = None) -> BuildResult:
-    """Build what is missing from the cache and return the stages and artifacts."""
+          cache_dir: PathLike | None = None, reporter: Reporter | None = None,
+          remote: PathLike | None = None) -> BuildResult:
+    """Build what is missing from the cache and return the stages and artifacts. ``remote`` (or
+    ``$QBUILD_REMOTE``): a remote cache directory to pull missing entries from and push builds to."""
     cache = _cache(cache_dir)
     composed = _composed(manifest, overrides, cache, write=True)  # bad input fails before any write
-    return _build(composed, cache, reporter)
+    return _build(composed, cache, reporter, remote=remote)
 
 
-def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *, execute_as: str = "") -> BuildResult:
+def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *, execute_as: str = "",
+           remote: PathLike | None = None) -> BuildResult:
     """Plan and execute; with ``execute_as`` (a command name), first check that this machine can execute the
     artifact, as its backend says for the options it will be compiled with (before a long compile)."""
-    store = Store(cache)
+    from qbuild.store.remote import open_remote
+
+    store = Store(cache, remote=open_remote(remote))
     reporter = reporter or Reporter()
     try:
         the_plan = make_plan(composed, store)

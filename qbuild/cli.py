@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides: compile.onnxruntime.threads=8 model=tiny-llama")
     p.add_argument("--json", action="store_true", help="JSON-lines events and a final summary object")
     p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
+    p.add_argument("--remote", help="remote cache directory shared by several caches (default $QBUILD_REMOTE): "
+                                    "missing entries are pulled from it (digests checked), builds pushed to it")
     p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
                    help="print the resolved configuration and exit")
     p.add_argument("--explain", action="store_true", help="plan: print the exact compiler command / configuration")
@@ -126,7 +128,7 @@ def _build(ns: argparse.Namespace) -> int:
     from qbuild.execute.reporter import ConsoleReporter, JsonReporter
 
     reporter: Any = JsonReporter() if ns.json else ConsoleReporter()
-    result = build(ns.manifest, ns.overrides, cache_dir=ns.cache_dir, reporter=reporter)
+    result = build(ns.manifest, ns.overrides, cache_dir=ns.cache_dir, reporter=reporter, remote=ns.remote)
     if ns.json:
         print(json.dumps(result.summary()))
     return 0

@@ -81,6 +81,9 @@ def _build(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], m
         entry, _problem = store.lookup(sp.name, sp.key)
         if entry is not None:  # another process built it while we waited
             return entry, "cached"
+        pulled = _pull(sp, store, reporter)
+        if pulled is not None:
+            return pulled, "pulled"
         staging = store.new_staging(sp.key)
         ctx = StageContext(staging / "out", dict(entries), memo, store, dict(sp.resolved.sources),
                            lambda msg, frac: reporter.emit({"event": "progress", "stage": sp.name,
@@ -98,4 +101,30 @@ def _build(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], m
             raise cls(f"{sp.name} failed: {type(exc).__name__}: {exc}") from exc
         record = {"identity": sp.identity, "meta": meta, "seconds": round(time.monotonic() - t0, 3),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        return store.publish(sp.name, sp.key, staging, record), "built"
+        entry = store.publish(sp.name, sp.key, staging, record)
+        _push(entry, store, reporter)
+        return entry, "built"
+
+
+def _pull(sp: StagePlan, store: Store, reporter: Reporter) -> Entry | None:
+    """The entry from the remote cache, digests checked, published locally; None on a miss or damage."""
+    if store.remote is None:
+        return None
+    staging = store.new_staging(sp.key)
+    record, problem = store.remote.pull(sp.name, sp.key, staging)
+    if record is None:
+        remove_tree(staging)
+        if problem:
+            reporter.emit({"event": "remote_damaged", "stage": sp.name, "key": sp.key, "problem": problem})
+        return None
+    keep = {k: v for k, v in record.items() if k not in ("format", "stage", "key", "files")}
+    return store.publish(sp.name, sp.key, staging, {**keep, "pulled_from": store.remote.url})
+
+
+def _push(entry: Entry, store: Store, reporter: Reporter) -> None:
+    if store.remote is None:
+        return
+    try:
+        store.remote.push(entry.stage, entry.key, entry.path, entry.record)
+    except OSError as exc:  # the local build stands; the remote just lacks it
+        reporter.emit({"event": "push_failed", "stage": entry.stage, "key": entry.key, "error": str(exc)})

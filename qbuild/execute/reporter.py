@@ -72,10 +72,14 @@ class ConsoleReporter(Reporter):
             self._running = (self._running[0], self._running[1], e["message"])
         elif kind == "lock_wait":
             self._line(f"  {e['stage']:<10} waiting: {e['holder']} is building {e['key'][:12]}")
-        elif kind in ("stage_cached", "stage_built"):
+        elif kind in ("stage_cached", "stage_built", "stage_pulled"):
             self._running = None
-            how = "cached" if kind == "stage_cached" else "built "
+            how = {"stage_cached": "cached", "stage_built": "built ", "stage_pulled": "pulled"}[kind]
             self._line(f"  {e['stage']:<10} {how} {e['seconds']:7.2f}s  {e['key'][:12]}")
+        elif kind == "remote_damaged":
+            self._line(f"  {e['stage']:<10} remote entry damaged ({e['problem']}): rebuilding")
+        elif kind == "push_failed":
+            self._line(f"  {e['stage']:<10} push to the remote failed: {e['error']}")
         elif kind == "stage_failed":
             self._running = None
             self._line(f"  {e['stage']:<10} FAILED {e['seconds']:7.2f}s")
@@ -84,8 +88,9 @@ class ConsoleReporter(Reporter):
 
     def _summary(self, e: dict[str, Any]) -> None:
         built = sum(s["state"] == "built" for s in e["stages"])
-        self._line(f"qbuild: {e['name']}: {built} built, {len(e['stages']) - built} cached, "
-                   f"{e['seconds']:.2f}s")
+        pulled = sum(s["state"] == "pulled" for s in e["stages"])
+        self._line(f"qbuild: {e['name']}: {built} built, " + (f"{pulled} pulled, " if pulled else "")
+                   + f"{len(e['stages']) - built - pulled} cached, {e['seconds']:.2f}s")
         for name, path in e["artifacts"].items():
             self._line(f"  {name:<10} {path}")
 

@@ -58,9 +58,10 @@ class Entry:
 class Store:
     """A content-addressed cache rooted at ``root``; ``readonly`` stores never write."""
 
-    def __init__(self, root: Path, *, readonly: bool = False) -> None:
+    def __init__(self, root: Path, *, readonly: bool = False, remote: Any = None) -> None:
         self.root = Path(os.path.abspath(root))
         self.readonly = readonly
+        self.remote = remote  # a qbuild.store.remote.DirectoryRemote shared with other caches, or None
         self.stats = StatCache(self.root / "statcache.sqlite", readonly=readonly)
         self._host = socket.gethostname()
 
