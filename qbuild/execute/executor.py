@@ -81,29 +81,38 @@ def _build(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], m
         entry, _problem = store.lookup(sp.name, sp.key)
         if entry is not None:  # another process built it while we waited
             return entry, "cached"
-        pulled = _pull(sp, store, reporter)
-        if pulled is not None:
-            return pulled, "pulled"
-        staging = store.new_staging(sp.key)
-        ctx = StageContext(staging / "out", dict(entries), memo, store, dict(sp.resolved.sources),
-                           lambda msg, frac: reporter.emit({"event": "progress", "stage": sp.name,
-                                                            "message": msg, "fraction": frac}))
-        t0 = time.monotonic()
-        try:
-            meta = sp.stage.run(sp.resolved.params, ctx)
-        except BaseException as exc:
-            remove_tree(staging)
-            reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,
-                           "seconds": round(time.monotonic() - t0, 3), "error": str(exc)})
-            if isinstance(exc, errors.QBuildError) or not isinstance(exc, Exception):
-                raise
-            cls = _STAGE_ERRORS.get(sp.name, errors.StageError)
-            raise cls(f"{sp.name} failed: {type(exc).__name__}: {exc}") from exc
-        record = {"identity": sp.identity, "meta": meta, "seconds": round(time.monotonic() - t0, 3),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        entry = store.publish(sp.name, sp.key, staging, record)
-        _push(entry, store, reporter)
-        return entry, "built"
+        if store.remote is None:
+            return _run_stage(sp, plan, store, entries, memo, reporter)
+        with store.remote.lease(sp.key, on_wait):  # single flight across the caches sharing the remote
+            pulled = _pull(sp, store, reporter)
+            if pulled is not None:
+                return pulled, "pulled"
+            return _run_stage(sp, plan, store, entries, memo, reporter)
+
+
+def _run_stage(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], memo: dict[str, Any],
+               reporter: Reporter) -> tuple[Entry, str]:
+    """Run the stage into a staging directory and publish it (and push it to the remote)."""
+    staging = store.new_staging(sp.key)
+    ctx = StageContext(staging / "out", dict(entries), memo, store, dict(sp.resolved.sources),
+                       lambda msg, frac: reporter.emit({"event": "progress", "stage": sp.name,
+                                                        "message": msg, "fraction": frac}))
+    t0 = time.monotonic()
+    try:
+        meta = sp.stage.run(sp.resolved.params, ctx)
+    except BaseException as exc:
+        remove_tree(staging)
+        reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,
+                       "seconds": round(time.monotonic() - t0, 3), "error": str(exc)})
+        if isinstance(exc, errors.QBuildError) or not isinstance(exc, Exception):
+            raise
+        cls = _STAGE_ERRORS.get(sp.name, errors.StageError)
+        raise cls(f"{sp.name} failed: {type(exc).__name__}: {exc}") from exc
+    record = {"identity": sp.identity, "meta": meta, "seconds": round(time.monotonic() - t0, 3),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    entry = store.publish(sp.name, sp.key, staging, record)
+    _push(entry, store, reporter)
+    return entry, "built"
 
 
 def _pull(sp: StagePlan, store: Store, reporter: Reporter) -> Entry | None:

@@ -11,11 +11,16 @@ object-store remotes of fsspec (S3, GCS) are not built yet.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,16 @@ class DirectoryRemote:
                 return None, f"remote {rel} differs from its record (sha256 {sha[:12]}, recorded {info['sha256'][:12]})"
         return record, None
 
+    @contextlib.contextmanager
+    def lease(self, key: str, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Single flight across machines sharing this remote: a lease file per key (see :class:`Lease`)."""
+        lease = Lease(self.root / "leases" / f"{key}.lease")
+        lease.acquire(on_wait)
+        try:
+            yield
+        finally:
+            lease.release()
+
     def push(self, stage: str, key: str, entry_path: Path, record: dict[str, Any]) -> None:
         """Files first, the record last (written to a temporary name, then renamed)."""
         final = self._entry(stage, key)
@@ -70,6 +85,76 @@ class DirectoryRemote:
         tmp = final / f".{RECORD}.{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, final / RECORD)
+
+
+class Lease:
+    """A lock that works where ``flock`` does not (network filesystems): a file created with O_EXCL that
+    names its owner (host, pid), kept fresh by a heartbeat thread touching it every ``heartbeat`` s. A
+    lease not touched for ``ttl`` s belongs to a dead or cut-off holder and is taken over: renamed to a
+    unique name (one taker wins the rename), checked to be the stale lease that was seen (a fresh one
+    taken by mistake is put back), removed, and the create retried."""
+
+    def __init__(self, path: Path, ttl: float = 30.0, heartbeat: float = 5.0) -> None:
+        self.path, self.ttl, self.heartbeat = path, ttl, heartbeat
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, on_wait: Callable[[str], None] | None = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        told = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released or taken over between our open and our read
+                text, age = holder
+                if age > self.ttl:
+                    self._take_over(text)
+                    continue
+                if on_wait and not told:
+                    on_wait(text)
+                    told = True
+                time.sleep(0.1)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.owner))
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+            return
+
+    def _holder(self) -> tuple[str, float] | None:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            return self.path.read_text(encoding="utf-8"), age
+        except FileNotFoundError:
+            return None
+
+    def _take_over(self, seen: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.stale.{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another taker won
+        if aside.read_text(encoding="utf-8") != seen:  # a fresh lease, created after we looked: put it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        holder = self._holder()
+        if holder is not None and json.loads(holder[0] or "{}").get("id") == self.owner["id"]:
+            self.path.unlink(missing_ok=True)
 
 
 def _copy_digest(src: Path, dest: Path) -> tuple[str, int]:

@@ -60,3 +60,58 @@ def test_an_entry_without_its_record_is_never_used(tmp_path: Path) -> None:
 def test_a_remote_that_is_not_a_directory_is_a_clear_error(tmp_path: Path) -> None:
     proc = run_qbuild(str(TINY), "--remote", "s3://bucket/cache", cache=tmp_path / "a")
     assert proc.returncode == 8 and "only directory remotes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_four_builders_on_two_caches_sharing_a_remote_build_each_stage_once(tmp_path: Path) -> None:
+    """Two caches stand for two machines (flock does not reach across them); the remote's lease does."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    remote = tmp_path / "remote"
+    procs = [subprocess.Popen([sys.executable, "-m", "qbuild", str(TINY), "--json", "--remote", str(remote)],
+                              env={**os.environ, "QBUILD_CACHE": str(tmp_path / f"cache{i % 2}")}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    states = [{s["name"]: s["state"] for s in json_lines(out)[-1]["stages"]} for out, _ in outs]
+    for stage in ("load", "export", "compile", "verify"):
+        column = sorted(s[stage] for s in states)
+        assert column.count("built") == 1, (stage, column)
+        assert set(column) <= {"built", "cached", "pulled"}
+    assert not list((remote / "leases").glob("*.lease"))  # every lease released
+
+
+def test_a_lease_is_exclusive_and_an_expired_one_is_taken_over(tmp_path: Path) -> None:
+    import json as _json
+    import os
+    import threading
+    import time
+
+    from qbuild.store.remote import Lease
+
+    path = tmp_path / "k.lease"
+    first = Lease(path, ttl=30, heartbeat=0.05)
+    first.acquire()
+    got: list[float] = []
+    waits: list[str] = []
+    second = Lease(path, ttl=30, heartbeat=0.05)
+    t = threading.Thread(target=lambda: (second.acquire(waits.append), got.append(time.monotonic())))
+    t0 = time.monotonic()
+    t.start()
+    time.sleep(0.5)
+    assert not got and waits and _json.loads(waits[0])["pid"] == os.getpid()  # waiting, told who holds it
+    first.release()
+    t.join(5)
+    assert got and got[0] - t0 >= 0.5
+    second.release()
+    assert not path.exists()
+    path.write_text(_json.dumps({"host": "gone", "pid": 1, "id": "dead"}))  # a holder that died
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    third = Lease(path, ttl=30)
+    third.acquire()  # taken over at once
+    assert _json.loads(path.read_text())["id"] == third.owner["id"]
+    third.release()
