@@ -249,8 +249,41 @@ def render(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
+def write_chart(result: SweepResult) -> Path | None:
+    """``results.png``: the measured figure per job, labelled by its swept values (needs matplotlib:
+    ``pip install 'qbuild[plot]'``); None when nothing was measured or matplotlib is absent."""
+    measured = [r for r in result.rows if "value" in (r.get("measure") or {})]
+    if not measured:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    swept = [i for i in range(len(measured[0]["overrides"]))
+             if len({tuple(r["overrides"])[i] if i < len(r["overrides"]) else "" for r in measured}) > 1]
+    labels = ["\n".join(r["overrides"][i].split("=", 1)[0].rsplit(".", 1)[-1] + "=" + r["overrides"][i].split("=", 1)[1]
+                        for i in swept) or str(r["job"]) for r in measured]
+    values = [r["measure"]["value"] for r in measured]
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * len(values)), 4.2))
+    bars = ax.bar(range(len(values)), values, color="#4c72b0")
+    best = max(range(len(values)), key=values.__getitem__)
+    bars[best].set_color("#dd8452")
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel(measured[0]["measure"]["figure"])
+    ax.set_title(f"{result.sweep_dir.name}: best is job {measured[best]['job']}", fontsize=9)
+    fig.tight_layout()
+    path = result.sweep_dir / "results.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_tables(result: SweepResult) -> None:
     result.sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_chart(result)
     with open(result.sweep_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
         writer.writeheader()

@@ -130,3 +130,8 @@ def test_measure_times_a_fixed_run_on_each_artifact(tmp_path: Path, manifest: Pa
     assert [m["figure"] for m in measures] == [figure, figure] and all(m["value"] > 0 for m in measures)
     assert figure in render(result)
     assert json.loads((result.sweep_dir / "results.json").read_text())["rows"][0]["measure"]["figure"] == figure
+    pytest.importorskip("matplotlib", reason="pip install 'qbuild[plot]'")
+    from PIL import Image
+
+    with Image.open(result.sweep_dir / "results.png") as png:  # the chart of the measured figure
+        assert png.format == "PNG" and png.size[0] >= 400
