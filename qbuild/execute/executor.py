@@ -51,7 +51,7 @@ def execute(plan: Plan, store: Store, reporter: Reporter) -> BuildResult:
         entry, state = (sp.entry, "cached") if sp.state == "cached" else (None, "build")
         if entry is None:
             reporter.emit({"event": "stage_started", "stage": sp.name, "key": sp.key, "reasons": sp.reasons})
-            entry, state = _build(sp, plan, store, entries, memo, reporter)
+            entry, state = _build(sp, store, entries, memo, reporter)
         assert entry is not None
         entries[sp.name] = entry
         seconds = round(time.monotonic() - t0, 3)
@@ -72,7 +72,7 @@ def execute(plan: Plan, store: Store, reporter: Reporter) -> BuildResult:
     return result
 
 
-def _build(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], memo: dict[str, Any],
+def _build(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dict[str, Any],
            reporter: Reporter) -> tuple[Entry, str]:
     def on_wait(holder: str) -> None:
         reporter.emit({"event": "lock_wait", "stage": sp.name, "key": sp.key, "holder": holder})
@@ -82,15 +82,15 @@ def _build(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], m
         if entry is not None:  # another process built it while we waited
             return entry, "cached"
         if store.remote is None:
-            return _run_stage(sp, plan, store, entries, memo, reporter)
+            return _run_stage(sp, store, entries, memo, reporter)
         with store.remote.lease(sp.key, on_wait):  # single flight across the caches sharing the remote
             pulled = _pull(sp, store, reporter)
             if pulled is not None:
                 return pulled, "pulled"
-            return _run_stage(sp, plan, store, entries, memo, reporter)
+            return _run_stage(sp, store, entries, memo, reporter)
 
 
-def _run_stage(sp: StagePlan, plan: Plan, store: Store, entries: dict[str, Entry], memo: dict[str, Any],
+def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dict[str, Any],
                reporter: Reporter) -> tuple[Entry, str]:
     """Run the stage into a staging directory and publish it (and push it to the remote)."""
     staging = store.new_staging(sp.key)
