@@ -35,9 +35,11 @@ def _composed(manifest: PathLike | ComposedManifest, overrides: Sequence[str], c
 
 
 def plan(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
-         cache_dir: PathLike | None = None) -> Plan:
-    """Plan a build: per stage its key, state and reasons. Writes nothing."""
-    store = Store(_cache(cache_dir), readonly=True)
+         cache_dir: PathLike | None = None, remote: PathLike | None = None) -> Plan:
+    """Plan a build: per stage its key, state and reasons (and what the remote cache holds). Writes nothing."""
+    from qbuild.store.remote import open_remote
+
+    store = Store(_cache(cache_dir), readonly=True, remote=open_remote(remote))
     try:
         return make_plan(_composed(manifest, overrides, store.root, write=False), store)
     finally:

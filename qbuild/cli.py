@@ -91,7 +91,7 @@ def _print_cfg(ns: argparse.Namespace) -> int:
 def _plan(ns: argparse.Namespace) -> int:
     from qbuild.api import plan
 
-    p = plan(ns.manifest, ns.overrides, cache_dir=ns.cache_dir)
+    p = plan(ns.manifest, ns.overrides, cache_dir=ns.cache_dir, remote=ns.remote)
     rows = [{"name": s.name, "key": s.key, "state": s.state, "reasons": s.reasons} for s in p.stages]
     explain = _explain(p) if ns.explain else []
     if ns.json:

@@ -117,6 +117,8 @@ def make_plan(composed: ComposedManifest, store: Store) -> Plan:
             state, reasons = "build", explain(prev, ident, r.reads)
             if prev and prev.get("key") == key:
                 reasons = ["no record (cache entry removed)"]
+        if state == "build" and store.remote is not None and store.remote.has(stage.name, key):
+            reasons = [f"in the remote cache {store.remote.url}: will be pulled (digests checked)", *reasons]
         planned.append(StagePlan(stage, key, r.resolved, ident, r.reads, state, reasons, entry))
     return Plan(composed, planned, notes, mid)
 

@@ -42,6 +42,10 @@ class DirectoryRemote:
     def _entry(self, stage: str, key: str) -> Path:
         return self.root / "objects" / stage / key
 
+    def has(self, stage: str, key: str) -> bool:
+        """Whether the remote holds a committed entry (its record); its files are checked only by a pull."""
+        return (self._entry(stage, key) / RECORD).is_file()
+
     def pull(self, stage: str, key: str, staging: Path) -> tuple[dict[str, Any] | None, str | None]:
         """Copy the entry's files into ``staging/out`` checking each digest: (its record, None), or
         (None, None) when the remote has no entry, or (None, why) when it is damaged."""

@@ -24,6 +24,11 @@ def test_a_second_cache_pulls_everything_and_a_damaged_remote_file_is_rebuilt_an
     first, _ = build(tmp_path / "a", remote)
     assert set(first.values()) == {"built"}
     assert len(list(remote.glob("objects/*/*/record.json"))) == 4  # every build pushed
+    planned = json.loads(run_qbuild("plan", str(TINY), "--json", "--remote", str(remote), cache=tmp_path / "b",
+                                    check=True).stdout)
+    assert all(s["state"] == "build" and s["reasons"][0].startswith(f"in the remote cache {remote}: will be pulled")
+               for s in planned["stages"])
+    assert not (tmp_path / "b" / "objects").exists()  # plan wrote nothing
     second, _ = build(tmp_path / "b", remote)
     assert second == {"load": "pulled", "export": "pulled", "compile": "pulled", "verify": "pulled"}
     again, _ = build(tmp_path / "b", remote)
