@@ -212,7 +212,6 @@ class OrtOptions:
     graph_optimization: str
     session: str
     quantize: str
-    quantize_recipe: int | None  # ort_quantize.VERSION when quantising (its code is keyed too)
     specializations: tuple[dict[str, Any], ...]
     task: str
 
@@ -224,9 +223,8 @@ class OrtBackend(Backend):
 
     def resolve(self, m: Manifest, task: Task, stats: StatCache) -> OrtOptions:
         c = m.compile.onnxruntime
-        return OrtOptions(c.threads, c.graph_optimization, c.session, c.quantize,
-                          ort_quantize.VERSION if c.quantize != "none" else None,
-                          tuple(task.specializations(m)), task.name)
+        return OrtOptions(c.threads, c.graph_optimization, c.session, c.quantize, tuple(task.specializations(m)),
+                          task.name)
 
     def inexact(self, o: OrtOptions) -> str | None:
         if o.quantize == "none":

@@ -8,8 +8,6 @@ from typing import Any
 from qbuild.errors import CompileError
 
 INT4_BLOCK = 32
-#: bump when the quantisation recipe changes: it is part of the compile key
-VERSION = 2  # 2: int8 weights per output channel
 
 
 def quantize(onnx_path: Path, out_path: Path, mode: str) -> dict[str, Any]:

@@ -64,6 +64,14 @@ class QaicParams:
     timeout_s: int = unkeyed(7200, why="a limit on the compiler's run time, not an input to it")
 
 
+def qaic_params(m: Manifest, task: Task, sdk: Sdk, hw_version: str, hw_why: str = "") -> QaicParams:
+    """The compile params for ``m`` with the SDK facts given (pure: no discovery, no probe)."""
+    o = qaic_command.options(m, sdk=sdk, hw_version=hw_version, spec_format=qaic_sdk.specializations_format(m, sdk),
+                             retained_state=task.retained_state)
+    npi = qaic_command.node_precision_digest(o.node_precision_info) if o.node_precision_info else None
+    return QaicParams(o, sdk, tuple(task.specializations(m)), npi, hw_why, m.compile.qaic.timeout_s)
+
+
 class QaicBackend(Backend):
     name = "qaic"
     tools = ("onnx",)
@@ -84,10 +92,7 @@ class QaicBackend(Backend):
                             hint="install the SDK or set compile.qaic.compiler / QAIC_SDK_DIR; "
                                  "to build for CPU use compile=onnxruntime")
         hw, hw_why = qaic_sdk.hw_version(m, sdk)
-        o = qaic_command.options(m, sdk=sdk, hw_version=hw, spec_format=qaic_sdk.specializations_format(m, sdk),
-                                 retained_state=task.retained_state)
-        npi = qaic_command.node_precision_digest(o.node_precision_info) if o.node_precision_info else None
-        return QaicParams(o, sdk, tuple(task.specializations(m)), npi, hw_why, m.compile.qaic.timeout_s)
+        return qaic_params(m, task, sdk, hw, hw_why)
 
     def fingerprint(self, p: QaicParams) -> dict[str, str]:
         return qaic_sdk.fingerprint(p.sdk)

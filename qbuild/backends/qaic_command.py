@@ -80,7 +80,8 @@ def extra_flags(m: Manifest) -> tuple[tuple[str, Any], ...]:
             raise ManifestError(f"{key}: -{name} is set by qbuild; use {MANAGED_FLAGS[name]} instead", key=key)
         if value is not None and not isinstance(value, (bool, int, float, str)):
             raise ManifestError(f"{key}: expected true, false, a number or a string, got {value!r}", key=key)
-        out.append((name, value))
+        if value is not None and value is not False:  # omitted from the command, so not in the options (key)
+            out.append((name, value))
     return tuple(sorted(out))
 
 
@@ -197,26 +198,3 @@ def node_precision_digest(path: str) -> str:
     except OSError as exc:
         raise ManifestError(f"compile.qaic.node_precision_info: cannot read {p.resolve()}: {exc.strerror}",
                             key="compile.qaic.node_precision_info") from exc
-
-
-def key_params(m: Manifest, o: QaicOptions) -> dict[str, Any]:
-    """Every value that changes the command or a side file, by manifest key (no paths, no SDK facts)."""
-    q = m.compile.qaic
-    params: dict[str, Any] = {
-        "compile.backend": "qaic",
-        "compile.qaic.aic_hw_version": o.hw_version,
-        "compile.qaic.convert_to_fp16": o.convert_to_fp16,
-        "compile.qaic.mxfp6_matmul": o.mxfp6_matmul,
-        "compile.qaic.num_cores": o.num_cores,
-        "compile.qaic.num_devices": o.num_devices,
-        "compile.qaic.mos": o.mos,
-        "compile.qaic.aic_enable_depth_first": o.depth_first,
-        "compile.qaic.ols": o.ols,
-        "compile.qaic.node_precision_info": (node_precision_digest(o.node_precision_info)
-                                             if o.node_precision_info else None),
-        "compile.qaic.extra_flags": {k: v for k, v in o.extra_flags if v is not None and v is not False},
-        "compile.qaic.specializations_format": o.spec_format,
-    }
-    if o.retained_state:
-        params["compile.qaic.mxint8_kv_cache"] = q.mxint8_kv_cache
-    return params

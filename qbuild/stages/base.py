@@ -24,6 +24,7 @@ class ModelRef:
     directory: str | None = unkeyed(None, why="a checkpoint's location; its files' digests key the load stage")
     transforms: tuple[str, ...] = ()
     transform_versions: tuple[tuple[str, int], ...] = ()
+    plugin_sources: tuple[tuple[str, str], ...] = ()  # sha256 of plugin transforms' source files
 
     def untransformed(self) -> ModelRef:
         return ModelRef(self.task, self.dtype, self.random, self.directory)

@@ -95,11 +95,12 @@ def resolve_model(m: Manifest) -> tuple[ModelRef, TokenizerRef]:
 
 def rewritten_model(m: Manifest) -> ModelRef:
     """The model as export and verify load it: the load stage's, with ``transforms.apply`` rewrites."""
-    from qbuild.transforms import transform_versions
+    from qbuild.transforms import transform_sources, transform_versions
 
     model, _tok = resolve_model(m)
     names = tuple(m.transforms.apply)
-    return replace(model, transforms=names, transform_versions=tuple(transform_versions(names).items()))
+    return replace(model, transforms=names, transform_versions=tuple(transform_versions(names).items()),
+                   plugin_sources=tuple(transform_sources(names).items()))
 
 
 def _weights_dir(m: Manifest) -> Path:

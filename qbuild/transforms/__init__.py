@@ -5,7 +5,8 @@ JSON-able report. Built-in transforms are listed in ``_REGISTRY`` as ``name -> (
 version)`` and imported only when applied, so reading names and versions never imports torch.
 Other packages add transforms through the entry-point group ``qbuild.transforms``
 (``name = "package.module:function"``); their version is the function's ``version`` attribute
-(an int, default 1), which needs the plugin module imported.
+(an int, default 1), which needs the plugin module imported. A built-in's code is keyed with qbuild's
+own source files; a plugin's lies outside them, so :func:`transform_sources` keys its module's source.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from qbuild.errors import ManifestError, QBuildError, TransformError, one_line
 
 ENTRY_POINT_GROUP = "qbuild.transforms"
 
-#: name -> ("module:function", version); bump the version whenever a transform's output changes
+#: name -> ("module:function", version); the version is reported, the code itself is keyed (recipe code)
 _REGISTRY: dict[str, tuple[str, int]] = {
     "custom_rmsnorm": ("qbuild.transforms.custom_ops:apply_custom_rmsnorm", 1),
     "kv_cache": ("qbuild.transforms.kv_cache:apply", 1),
@@ -56,6 +57,25 @@ def _resolve(name: str) -> tuple[Callable[[Any], dict[str, Any]], int]:
         raise _unknown(name)
     fn = ep.load()
     return fn, int(getattr(fn, "version", 1))
+
+
+def transform_sources(names: Sequence[str]) -> dict[str, str]:
+    """sha256 of the source file of each named plugin transform (editing a plugin re-exports without a
+    version bump); built-ins are covered by the export stage's recipe code."""
+    import hashlib
+    import inspect
+    from pathlib import Path
+
+    out = {}
+    for name in names:
+        if name in _REGISTRY:
+            continue
+        try:
+            source = inspect.getsourcefile(_resolve(name)[0])
+        except TypeError:  # a builtin or C function: no source to read
+            source = None
+        out[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else "no-source"
+    return out
 
 
 def transform_versions(names: Sequence[str]) -> dict[str, int]:

@@ -254,6 +254,13 @@ def test_registry_and_entry_point_transforms(tiny: dict, monkeypatch: pytest.Mon
 
     assert transforms.known_transforms() == ["custom_rmsnorm", "kv_cache", "noop", "tagged"]
     assert transforms.transform_versions(["noop", "tagged"]) == {"noop": 2, "tagged": 4}
+    # a plugin's code lies outside qbuild's recipe files: its source file is keyed instead
+    import hashlib
+    import inspect
+
+    source = Path(inspect.getsourcefile(tagged))
+    assert transforms.transform_sources(["noop", "tagged", "kv_cache"]) == {
+        "tagged": hashlib.sha256(source.read_bytes()).hexdigest()}
     reports = transforms.apply_transforms(tiny["model"], ["noop", "tagged"])
     assert reports == [
         {"name": "noop", "version": 2, "changed": 0},

@@ -128,9 +128,11 @@ def test_extra_flags_are_checked(flags: dict[str, Any], message: str) -> None:
 
 def _params(tmp_path: Path, **compile_: Any) -> dict[str, Any]:
     m = manifest({**KV, "compile": {"backend": "qaic", **compile_}})
-    o = qaic_command.options(m, sdk=SDK, hw_version=m.compile.qaic.aic_hw_version or "ai100",
-                             spec_format=qaic_sdk.specializations_format(m, SDK), retained_state=True)
-    return qaic_command.key_params(m, o)
+    from qbuild.backends.qaic import qaic_params
+    from qbuild.plan.params import keyed
+    from qbuild.tasks import get_task
+
+    return keyed(qaic_params(m, get_task("causal_lm_kv"), SDK, m.compile.qaic.aic_hw_version or "ai100"))
 
 
 @pytest.mark.parametrize("change", [
