@@ -15,7 +15,8 @@ from qbuild.errors import EXIT_INTERRUPTED, QBuildError
 COMMANDS = ("build", "plan", "run", "embed")
 
 USAGE = """qbuild [build] MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
-       qbuild MANIFEST -m KEY=A,B [KEY2=[..],[..] ...] [--launcher joblib|basic|...] [--jobs N] [--sweep-dir DIR]
+       qbuild MANIFEST -m KEY=A,B [KEY2=[..],[..] ...] [--launcher joblib|basic|slurm|ray|...] [--jobs N]
+                  [--sweep-dir DIR] [--measure] [--sweeper optuna --objective FIGURE --trials N]
        qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]
        qbuild run MANIFEST [KEY=VALUE ...] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--json]
        qbuild embed MANIFEST [KEY=VALUE ...] --text TEXT [--text ...] [--file FILE] [--json]"""
@@ -29,15 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides: compile.onnxruntime.threads=8 model=tiny-llama")
     p.add_argument("--json", action="store_true", help="JSON-lines events and a final summary object")
     p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
-    p.add_argument("--remote", help="remote cache directory shared by several caches (default $QBUILD_REMOTE): "
-                                    "missing entries are pulled from it (digests checked), builds pushed to it")
+    p.add_argument("--remote", help="remote cache shared by several caches: a directory or an fsspec URL such as "
+                                    "s3://bucket/prefix (default: cache.remote, then $QBUILD_REMOTE); missing "
+                                    "entries are pulled from it (digests checked), builds pushed to it")
     p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
                    help="print the resolved configuration and exit")
     p.add_argument("--explain", action="store_true", help="plan: print the exact compiler command / configuration")
     p.add_argument("-m", "--multirun", action="store_true",
                    help="sweep: Hydra's sweeper over the overrides, one build per combination")
     p.add_argument("--launcher", default="joblib", help="sweep: Hydra launcher (joblib: parallel processes here; "
-                                                        "basic: one after another; submitit_slurm, ray, ...)")
+                                                        "basic: one after another; slurm, submitit_local, ray)")
+    p.add_argument("--sweeper", default="basic", help="sweep: Hydra sweeper (basic: every combination; optuna: "
+                                                      "optimise --objective over --trials jobs)")
+    p.add_argument("--objective", help="sweep: the figure each job reports and the sweep ranks (decode_tok_s, "
+                                       "embed_per_s, compile_s, artifact_bytes, seconds)")
+    p.add_argument("--trials", type=int, help="sweep: jobs the optuna sweeper runs (default 20)")
     p.add_argument("--jobs", type=int, help="sweep: parallel jobs of the joblib launcher (default min(4, CPUs))")
     p.add_argument("--sweep-dir", help="sweep: where Hydra's per-job directories and the tables go "
                                        "(default <cache>/sweeps/<time>-<manifest>)")
@@ -140,7 +147,8 @@ def _sweep(ns: argparse.Namespace) -> int:
 
     result = sweep(ns.manifest, ns.overrides, cache_dir=ns.cache_dir or default_cache_dir(),
                    sweep_dir=ns.sweep_dir, launcher=ns.launcher, jobs=ns.jobs, fail_fast=ns.fail_fast,
-                   measure=ns.measure)
+                   measure=ns.measure, sweeper=ns.sweeper, objective=ns.objective, trials=ns.trials,
+                   remote=ns.remote)
     if ns.json:
         print(json.dumps(result.summary()))
     else:

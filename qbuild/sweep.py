@@ -2,7 +2,10 @@
 
 Hydra expands the overrides (its grammar: ``a,b``, ``range()``, ``choice()``, globs; any sweeper plugin)
 and hands one job per combination to the launcher (``joblib`` processes on this machine by default,
-``basic`` in-process, or any installed launcher, e.g. ``submitit_slurm`` or ``ray``). Every job is an
+``basic`` in-process, ``slurm`` / ``submitit_local`` through submitit, ``ray`` on a Ray cluster; the
+``slurm`` and ``ray`` launchers are qbuild's shipped configs ``conf/hydra/launcher/qbuild_*.yaml``). Any
+sweeper plugin works in place of Hydra's basic one (``--sweeper optuna --objective decode_tok_s``: each
+job then reports that figure as its objective and Optuna picks the next configurations). Every job is an
 ordinary qbuild build of its composed manifest, with the same cache, keys and locks, so stages shared by
 the jobs (load, export) are built once. Each job writes its row to ``<sweep dir>/<job num>/qbuild.json``;
 the parent collects the rows into one table (also ``results.csv`` and ``results.json``). Hydra's per-job
@@ -25,8 +28,20 @@ from qbuild.errors import ManifestError, QBuildError
 ROW_FILE = "qbuild.json"
 STOP_FILE = "STOP"
 #: launcher names -> the Hydra launcher option (the plugin must be installed)
-LAUNCHERS = {"joblib": "joblib", "basic": "basic", "submitit_local": "submitit_local",
-             "submitit_slurm": "submitit_slurm", "ray": "ray"}
+LAUNCHERS = {"joblib": "joblib", "basic": "basic", "slurm": "qbuild_slurm", "submitit_slurm": "submitit_slurm",
+             "submitit_local": "submitit_local", "ray": "qbuild_ray"}
+#: plugins that are optional extras: launcher or sweeper name -> (its module, the extra that installs it)
+PLUGINS = {"slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+           "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+           "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+           "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+           "optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna")}
+SWEEPERS = ("basic", "optuna")
+#: what a job can report as its objective, and which way is better; the first two are measured by
+#: running the artifact (the fixed workload of --measure), the others come from the build
+OBJECTIVES = {"decode_tok_s": "maximize", "embed_per_s": "maximize", "compile_s": "minimize",
+              "artifact_bytes": "minimize", "seconds": "minimize"}
+MEASURED = ("decode_tok_s", "embed_per_s")
 
 
 @dataclass
@@ -36,23 +51,44 @@ class SweepResult:
     sweep_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    objective: str | None = None
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The ok row with the best objective value (None without an objective or a value)."""
+        if not self.objective:
+            return None
+        scored = [r for r in self.rows if r["status"] == "ok" and r.get("objective") is not None]
+        if not scored:
+            return None
+        pick = max if OBJECTIVES[self.objective] == "maximize" else min
+        return pick(scored, key=lambda r: r["objective"])
 
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["status"] != "ok"]
 
     def summary(self) -> dict[str, Any]:
-        return {"sweep_dir": str(self.sweep_dir), "jobs": len(self.rows), "failed": len(self.failed),
-                "seconds": round(self.seconds, 3), "rows": self.rows}
+        out = {"sweep_dir": str(self.sweep_dir), "jobs": len(self.rows), "failed": len(self.failed),
+               "seconds": round(self.seconds, 3), "rows": self.rows}
+        if self.objective:
+            best = self.best
+            out["objective"] = {"name": self.objective, "direction": OBJECTIVES[self.objective],
+                                "best_job": best["job"] if best else None,
+                                "best_value": best["objective"] if best else None,
+                                "best_overrides": best["overrides"] if best else None}
+        return out
 
 
 class _Job:
     """The task function Hydra's launcher runs once per job (picklable: launchers ship it to workers)."""
 
-    def __init__(self, manifest: str, cache_dir: str, fail_fast: bool) -> None:
+    def __init__(self, manifest: str, cache_dir: str, fail_fast: bool, objective: str | None = None,
+                 remote: str | None = None) -> None:
         self.manifest, self.cache_dir, self.fail_fast = manifest, cache_dir, fail_fast
+        self.objective, self.remote = objective, remote
 
-    def __call__(self, _cfg: Any) -> dict[str, Any]:
+    def __call__(self, _cfg: Any) -> dict[str, Any] | float | None:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
@@ -62,20 +98,33 @@ class _Job:
             row = {"job": int(hc.job.num), "overrides": _shown(overrides), "status": "skipped", "seconds": 0.0,
                    "error_class": "", "error": f"not run: {stop.read_text(encoding='utf-8').strip()}"}
         else:
-            row = run_job(self.manifest, overrides, self.cache_dir, job=int(hc.job.num))
+            row = run_job(self.manifest, overrides, self.cache_dir, job=int(hc.job.num), remote=self.remote)
             if self.fail_fast and row["status"] != "ok":
                 stop.write_text(f"job {row['job']} failed (--fail-fast)\n", encoding="utf-8")
+            if self.objective and row["status"] == "ok":
+                row["objective"] = _objective(row, self.objective, self.manifest, overrides, self.cache_dir)
         out = Path(hc.runtime.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / ROW_FILE).write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
-        return row
+        # a sweeper that optimises (Optuna) reads the job's return value: the objective, None for a failure
+        return row.get("objective") if self.objective else row
+
+
+def _objective(row: dict[str, Any], name: str, manifest: str, overrides: list[str], cache_dir: str) -> float | None:
+    """The job's value of the objective ``name`` (measured inside the job for a runtime figure)."""
+    if name in MEASURED:
+        row["measure"] = measure_job(manifest, _shown(overrides), cache_dir)
+        return row["measure"]["value"] if row["measure"].get("figure") == name else None
+    value = row.get(name)
+    return None if value is None else float(value)
 
 
 def _shown(overrides: list[str]) -> list[str]:
     return [o[2:] if o.startswith("++") else o for o in overrides]
 
 
-def run_job(manifest: str, overrides: list[str], cache_dir: str, job: int = 0) -> dict[str, Any]:
+def run_job(manifest: str, overrides: list[str], cache_dir: str, job: int = 0,
+            remote: str | None = None) -> dict[str, Any]:
     """Build one job's manifest; its row for the table (a failure is a row, not an exception)."""
     from qbuild.api import build
     from qbuild.execute.reporter import Reporter
@@ -83,7 +132,7 @@ def run_job(manifest: str, overrides: list[str], cache_dir: str, job: int = 0) -
     row: dict[str, Any] = {"job": job, "overrides": _shown(overrides), "status": "ok", "pid": os.getpid()}
     t0 = time.monotonic()
     try:
-        result = build(manifest, overrides, cache_dir=cache_dir, reporter=Reporter())
+        result = build(manifest, overrides, cache_dir=cache_dir, reporter=Reporter(), remote=remote)
     except QBuildError as exc:
         row.update(status="failed", error_class=type(exc).__name__, error=exc.message)
     else:
@@ -103,16 +152,30 @@ def _size(directory: Path) -> int:
 
 def sweep(manifest: str | os.PathLike[str], overrides: list[str], *, cache_dir: str | os.PathLike[str],
           sweep_dir: str | os.PathLike[str] | None = None, launcher: str = "joblib", jobs: int | None = None,
-          fail_fast: bool = False, measure: bool = False) -> SweepResult:
+          fail_fast: bool = False, measure: bool = False, sweeper: str = "basic", objective: str | None = None,
+          trials: int | None = None, remote: str | None = None) -> SweepResult:
     """Run Hydra's sweeper over ``overrides`` and build every job; return the rows. ``measure``: then time a
     short fixed decode (KV causal LMs) or embed (embedding models) on each built artifact, one job after
-    another in this process, so no measurement competes with another job for the CPU."""
+    another in this process, so no measurement competes with another job for the CPU. ``objective``: each
+    job reports that figure (``OBJECTIVES``; a runtime figure is measured inside the job) and the result
+    names the best job; the ``optuna`` sweeper optimises it over ``trials`` jobs."""
     from qbuild.manifest.compose import _resolve
 
     path = _resolve(manifest)
     cache = Path(cache_dir).absolute()
     if launcher not in LAUNCHERS:
         raise ManifestError(f"--launcher: unknown launcher {launcher!r}; known: {', '.join(LAUNCHERS)}")
+    if sweeper not in SWEEPERS:
+        raise ManifestError(f"--sweeper: unknown sweeper {sweeper!r}; known: {', '.join(SWEEPERS)}")
+    if objective is not None and objective not in OBJECTIVES:
+        raise ManifestError(f"--objective: unknown figure {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if sweeper == "optuna" and objective is None:
+        raise ManifestError("--sweeper optuna needs --objective FIGURE (what to optimise: "
+                            f"{', '.join(OBJECTIVES)})")
+    if trials is not None and (sweeper != "optuna" or trials < 1):
+        raise ManifestError("--trials N (N >= 1) is the number of jobs the optuna sweeper runs")
+    for name in (launcher, sweeper):
+        _require_plugin(name)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     out = Path(sweep_dir).absolute() if sweep_dir else cache / "sweeps" / f"{stamp}-{path.stem}"
     hydra_args = [f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${hydra.job.num}", "hydra.job.chdir=False",
@@ -120,12 +183,22 @@ def sweep(manifest: str | os.PathLike[str], overrides: list[str], *, cache_dir: 
                   f"hydra/launcher={LAUNCHERS[launcher]}"]
     if launcher == "joblib":
         hydra_args.append(f"hydra.launcher.n_jobs={jobs or min(4, os.cpu_count() or 1)}")
+    if sweeper == "optuna":
+        assert objective is not None
+        # a measured objective is timed inside the job: one trial at a time unless --jobs says otherwise
+        hydra_args += ["hydra/sweeper=optuna", f"hydra.sweeper.direction={OBJECTIVES[objective]}",
+                       f"hydra.sweeper.n_jobs={jobs or (1 if objective in MEASURED else 2)}",
+                       f"hydra.sweeper.max_failure_rate={0.0 if fail_fast else 1.0}",
+                       "hydra.sweeper.sampler.seed=0"]
+        if trials is not None:
+            hydra_args.append(f"hydra.sweeper.n_trials={trials}")
     t0 = time.monotonic()
-    _multirun(path, _sweep_overrides(overrides) + hydra_args, _Job(str(path), str(cache), fail_fast))
-    result = SweepResult(out, collect(out), time.monotonic() - t0)
+    job = _Job(str(path), str(cache), fail_fast, objective, None if remote is None else str(remote))
+    _multirun(path, _sweep_overrides(overrides) + hydra_args, job)
+    result = SweepResult(out, collect(out), time.monotonic() - t0, objective)
     if measure:
         for row in result.rows:
-            if row["status"] == "ok":
+            if row["status"] == "ok" and "measure" not in row:
                 row["measure"] = measure_job(str(path), row["overrides"], str(cache))
     write_tables(result)
     return result
@@ -156,6 +229,18 @@ def measure_job(manifest: str, overrides: list[str], cache_dir: str) -> dict[str
         return {"skipped": f"no measurement for task {name}"}
     except QBuildError as exc:
         return {"skipped": f"{type(exc).__name__}: {exc.message}"}
+
+
+def _require_plugin(name: str) -> None:
+    """A clear error (not Hydra's "Could not load") when an optional launcher or sweeper is missing."""
+    if name not in PLUGINS:
+        return
+    import importlib.util
+
+    module, extra = PLUGINS[name]
+    if importlib.util.find_spec(module) is None:
+        raise ManifestError(f"{name}: the Hydra plugin {module.rsplit('.', 1)[-1]} is not installed; "
+                            f"pip install 'qbuild[{extra}]'")
 
 
 def _sweep_overrides(overrides: list[str]) -> list[str]:
@@ -217,7 +302,12 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 COLUMNS = ("job", "overrides", "status", "load", "export", "compile", "verify", "compile_s", "artifact_bytes",
-           "seconds", "measure", "error")
+           "seconds", "measure", "objective", "error")
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """COLUMNS, less ``objective`` when no job reported one."""
+    return [c for c in COLUMNS if c != "objective" or any("objective" in r for r in rows)]
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -229,6 +319,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                  "compile_s": "" if r.get("compile_s") is None else f"{r['compile_s']:.2f}",
                  "artifact_bytes": "" if r.get("artifact_bytes") is None else str(r["artifact_bytes"]),
                  "seconds": f"{r['seconds']:.2f}", "measure": _measure_cell(r.get("measure")),
+                 "objective": "" if r.get("objective") is None else f"{r['objective']:g}",
                  "error": f"{r['error_class']}: {r['error']}" if r["status"] != "ok" else ""}
         out.append(cells)
     return out
@@ -242,10 +333,15 @@ def _measure_cell(m: dict[str, Any] | None) -> str:
 
 def render(result: SweepResult) -> str:
     """The table as aligned text."""
-    rows = table_rows(result.rows)
-    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in COLUMNS}
-    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS).rstrip()]
-    lines += ["  ".join(r[c].ljust(widths[c]) for c in COLUMNS).rstrip() for r in rows]
+    rows, columns = table_rows(result.rows), _columns(result.rows)
+    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    best = result.best
+    if result.objective:
+        lines.append(f"best {result.objective} ({OBJECTIVES[result.objective]}): "
+                     + (f"job {best['job']} = {best['objective']:g} ({' '.join(best['overrides'])})" if best
+                        else "none (no job reported a value)"))
     return "\n".join(lines)
 
 
@@ -285,7 +381,8 @@ def write_tables(result: SweepResult) -> None:
     result.sweep_dir.mkdir(parents=True, exist_ok=True)
     write_chart(result)
     with open(result.sweep_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        columns = _columns(result.rows)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(table_rows(result.rows))
     (result.sweep_dir / "results.json").write_text(json.dumps(result.summary(), indent=1) + "\n", encoding="utf-8")

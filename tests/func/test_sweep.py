@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,120 @@ def test_measure_times_a_fixed_run_on_each_artifact(tmp_path: Path, manifest: Pa
 
     with Image.open(result.sweep_dir / "results.png") as png:  # the chart of the measured figure
         assert png.format == "PNG" and png.size[0] >= 400
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_sweep_runs_on_a_local_ray_head(tmp_path: Path) -> None:
+    """A Ray head started here (loopback only); the shipped qbuild_ray config joins it through $RAY_ADDRESS."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="pip install 'qbuild[ray]'")
+    ray = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's single-machine mode, every address on loopback; the head and
+    # the sweep share a token (Ray's token authentication), as the nodes of a real cluster would
+    env = {"PATH": f"{ray.parent}:/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": uuid.uuid4().hex * 2}
+    subprocess.run([str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    try:
+        cache, work = tmp_path / "cache", tmp_path / "work"
+        work.mkdir()
+        proc = subprocess.Popen([sys.executable, "-m", "qbuild", str(KV), "-m", "compile.onnxruntime.threads=1,2",
+                                 "seq.lengths=[16],[16,32]", *FAST, "--launcher", "ray", "--json",
+                                 "--cache-dir", str(cache)], cwd=work, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        out = json.loads(stdout.splitlines()[-1])
+        assert [r["status"] for r in out["rows"]] == ["ok"] * 4
+        assert proc.pid not in {r["pid"] for r in out["rows"]}  # built by Ray workers, not the sweeping process
+        assert len(records(cache, "export")) == 1 and len(records(cache, "compile")) == 4
+        assert sorted(work.iterdir()) == []
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_the_optuna_sweeper_optimises_an_objective(tmp_path: Path) -> None:
+    """hydra-optuna-sweeper in place of the basic sweeper: each job returns its objective to Optuna."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install 'qbuild[optuna]'")
+    import yaml
+
+    cache = tmp_path / "cache"
+    proc = qbuild(str(KV), "-m", "compile.onnxruntime.threads=choice(1,2)",
+                  "compile.onnxruntime.session=choice(fixed,dynamic)", "seq.lengths=[16]", "seq.ctx_len=64",
+                  "verify.enabled=false", "--sweeper", "optuna", "--objective", "decode_tok_s", "--trials", "3",
+                  "--launcher", "basic", "--json", cwd=tmp_path, cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    rows = out["rows"]
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    for r in rows:  # Optuna picked every value from the declared choices; each job measured its own artifact
+        assert r["overrides"][0] in ("compile.onnxruntime.threads=1", "compile.onnxruntime.threads=2")
+        assert r["overrides"][1] in ("compile.onnxruntime.session=fixed", "compile.onnxruntime.session=dynamic")
+        assert r["measure"]["figure"] == "decode_tok_s" and r["objective"] == r["measure"]["value"] > 0
+    best = max(rows, key=lambda r: r["objective"])
+    assert out["objective"]["best_job"] == best["job"] and out["objective"]["direction"] == "maximize"
+    optuna = yaml.safe_load((Path(out["sweep_dir"]) / "optimization_results.yaml").read_text())
+    assert optuna["best_value"] == pytest.approx(best["objective"])  # Optuna saw the same values
+    assert len(records(cache, "export")) == 1
+
+
+def test_an_objective_without_optuna_ranks_the_jobs(tmp_path: Path) -> None:
+    from qbuild.sweep import render, sweep
+
+    result = sweep(KV, ["compile.onnxruntime.threads=1,2", "verify.enabled=false"], cache_dir=tmp_path,
+                   launcher="basic", objective="artifact_bytes")
+    assert [r["objective"] for r in result.rows] == [float(r["artifact_bytes"]) for r in result.rows]
+    assert result.best is not None and result.best["objective"] == min(r["objective"] for r in result.rows)
+    assert f"best artifact_bytes (minimize): job {result.best['job']}" in render(result)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sweeper", "optuna"], "--sweeper optuna needs --objective"),
+    (["--trials", "3"], "--trials N"),
+    (["--objective", "speed"], "--objective: unknown figure 'speed'"),
+    (["--sweeper", "grid"], "--sweeper: unknown sweeper 'grid'"),
+])
+def test_sweeper_options_are_checked(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = qbuild(str(KV), "-m", "compile.onnxruntime.threads=1,2", *args, cwd=tmp_path, cache=tmp_path / "c")
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_missing_launcher_plugin_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qbuild import sweep as sw
+    from qbuild.errors import ManifestError
+
+    monkeypatch.setitem(sw.PLUGINS, "ray", ("hydra_plugins.not_installed_launcher", "ray"))
+    with pytest.raises(ManifestError, match=r"pip install 'qbuild\[ray\]'"):
+        sw._require_plugin("ray")
+
+
+@pytest.mark.parametrize(("launcher", "target", "fields"), [
+    ("qbuild_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+     {"timeout_min": 120, "cpus_per_task": 8, "partition": None}),
+    ("qbuild_ray", "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher", {}),
+])
+def test_the_shipped_launcher_configs_compose(launcher: str, target: str, fields: dict) -> None:
+    """The configs behind ``--launcher slurm`` / ``ray``, composed by Hydra as a sweep composes them."""
+    pytest.importorskip(target.rsplit(".", 2)[0], reason="pip install 'qbuild[slurm]' / 'qbuild[ray]'")
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(ROOT / "manifests"), version_base=None):
+        cfg = compose("tiny-llama-kv", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    conf = cfg.hydra.launcher
+    assert conf._target_ == target
+    for key, value in fields.items():
+        assert conf[key] == value
+    if launcher == "qbuild_ray":
+        assert OmegaConf.to_container(conf.ray, resolve=True)["init"] == {"address": None,
+                                                                          "object_store_memory": None}
+        assert conf.ray.remote.num_cpus == 1
