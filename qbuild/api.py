@@ -37,20 +37,29 @@ def _composed(manifest: PathLike | ComposedManifest, overrides: Sequence[str], c
 def plan(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
          cache_dir: PathLike | None = None, remote: PathLike | None = None) -> Plan:
     """Plan a build: per stage its key, state and reasons (and what the remote cache holds). Writes nothing."""
-    from qbuild.store.remote import open_remote
-
-    store = Store(_cache(cache_dir), readonly=True, remote=open_remote(remote))
+    cache = _cache(cache_dir)
+    composed = _composed(manifest, overrides, cache, write=False)
+    store = Store(cache, readonly=True, remote=_remote(remote, composed))
     try:
-        return make_plan(_composed(manifest, overrides, store.root, write=False), store)
+        return make_plan(composed, store)
     finally:
         store.close()
+
+
+def _remote(remote: PathLike | None, composed: ComposedManifest) -> Any:
+    """The remote cache: ``remote`` (``--remote``), else the manifest's ``cache.remote``, else
+    ``$QBUILD_REMOTE``; None when none is set (fsspec is imported only for a URL remote)."""
+    from qbuild.store.remote import open_remote
+
+    return open_remote(remote, composed.manifest.cache.remote)
 
 
 def build(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
           cache_dir: PathLike | None = None, reporter: Reporter | None = None,
           remote: PathLike | None = None) -> BuildResult:
-    """Build what is missing from the cache and return the stages and artifacts. ``remote`` (or
-    ``$QBUILD_REMOTE``): a remote cache directory to pull missing entries from and push builds to."""
+    """Build what is missing from the cache and return the stages and artifacts. ``remote`` (else the
+    manifest's ``cache.remote``, else ``$QBUILD_REMOTE``): a remote cache (a directory, or an fsspec URL such
+    as ``s3://bucket/prefix``) to pull missing entries from and push builds to."""
     cache = _cache(cache_dir)
     composed = _composed(manifest, overrides, cache, write=True)  # bad input fails before any write
     return _build(composed, cache, reporter, remote=remote)
@@ -60,9 +69,7 @@ def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *
            remote: PathLike | None = None) -> BuildResult:
     """Plan and execute; with ``execute_as`` (a command name), first check that this machine can execute the
     artifact, as its backend says for the options it will be compiled with (before a long compile)."""
-    from qbuild.store.remote import open_remote
-
-    store = Store(cache, remote=open_remote(remote))
+    store = Store(cache, remote=_remote(remote, composed))
     reporter = reporter or Reporter()
     try:
         the_plan = make_plan(composed, store)
@@ -106,8 +113,9 @@ class RunResult:
 
 def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *, prompts: Sequence[str],
         max_new_tokens: int = 32, cache_dir: PathLike | None = None, reporter: Reporter | None = None,
-        on_text: Callable[[int, str], None] | None = None) -> RunResult:
-    """Build what is missing, then generate greedily for each prompt (``on_text`` streams row text)."""
+        on_text: Callable[[int, str], None] | None = None, remote: PathLike | None = None) -> RunResult:
+    """Build what is missing, then generate greedily for each prompt (``on_text`` streams row text);
+    ``remote`` as in :func:`build`."""
     from qbuild.errors import RunError
     from qbuild.tasks import task_name
 
@@ -116,7 +124,7 @@ def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
     if task_name(composed.manifest) != "causal_lm_kv":
         raise RunError(f"qbuild run generates with a KV-cache causal LM; {composed.source.name} builds task "
                        f"{task_name(composed.manifest)}", hint="add transforms=kv_cache (or use qbuild embed)")
-    result = _build(composed, cache, reporter, execute_as="qbuild run")
+    result = _build(composed, cache, reporter, execute_as="qbuild run", remote=remote)
     return _generate(composed, result, list(prompts), max_new_tokens, on_text)
 
 
@@ -157,8 +165,9 @@ def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str
 
 def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides: Sequence[str] = (), *,
           cache_dir: PathLike | None = None, reporter: Reporter | None = None,
-          progress: Callable[[int, int], None] | None = None) -> EmbedResult:
-    """Build what is missing, then embed ``texts`` with the compiled artifact (``model.task: embedding``)."""
+          progress: Callable[[int, int], None] | None = None, remote: PathLike | None = None) -> EmbedResult:
+    """Build what is missing, then embed ``texts`` with the compiled artifact (``model.task: embedding``);
+    ``remote`` as in :func:`build`."""
     from qbuild.errors import ManifestError
     from qbuild.runtime.embed import embed_build
 
@@ -168,5 +177,5 @@ def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides
     if m.model.task != "embedding":
         raise ManifestError(f"model.task: qbuild embed needs an embedding model, not {m.model.task}",
                             key="model.task", hint="use an encoder manifest, e.g. manifests/minilm.yaml")
-    result = _build(composed, cache, reporter, execute_as="qbuild embed")
+    result = _build(composed, cache, reporter, execute_as="qbuild embed", remote=remote)
     return embed_build(composed, result, cache, texts, progress)

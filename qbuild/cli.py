@@ -12,14 +12,17 @@ from typing import Any
 
 from qbuild.errors import EXIT_INTERRUPTED, QBuildError
 
-COMMANDS = ("build", "plan", "run", "embed")
+COMMANDS = ("build", "plan", "run", "embed", "verify-bundle", "cache")
 
-USAGE = """qbuild [build] MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
+USAGE = """qbuild [build] MANIFEST [MANIFEST|DIR|GLOB ...] [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
+                  [--cache on|off|readonly|redo|verify] [--out DIR]
        qbuild MANIFEST -m KEY=A,B [KEY2=[..],[..] ...] [--launcher joblib|basic|slurm|ray|...] [--jobs N]
                   [--sweep-dir DIR] [--measure] [--sweeper optuna --objective FIGURE --trials N]
        qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]
        qbuild run MANIFEST [KEY=VALUE ...] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--json]
-       qbuild embed MANIFEST [KEY=VALUE ...] --text TEXT [--text ...] [--file FILE] [--json]"""
+       qbuild embed MANIFEST [KEY=VALUE ...] --text TEXT [--text ...] [--file FILE] [--json]
+       qbuild verify-bundle DIR [--json]
+       qbuild cache ls|du|verify|gc|rm ... (qbuild cache --help)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides: compile.onnxruntime.threads=8 model=tiny-llama")
     p.add_argument("--json", action="store_true", help="JSON-lines events and a final summary object")
     p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
+    p.add_argument("--cache", default="on", choices=["on", "off", "readonly", "redo", "verify"],
+                   help="build: on (default); readonly: fail on the first stage not cached; redo: rebuild "
+                        "everything and fail if an output differs from the cached one; verify: re-digest "
+                        "every cached file used; off: a throwaway cache")
+    p.add_argument("--out", help="build: write each manifest's artifacts and provenance.json to OUT/<name>/")
     p.add_argument("--remote", help="remote cache shared by several caches: a directory or an fsspec URL such as "
                                     "s3://bucket/prefix (default: cache.remote, then $QBUILD_REMOTE); missing "
                                     "entries are pulled from it (digests checked), builds pushed to it")
@@ -60,8 +68,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qbuild`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and args[0] in COMMANDS else "build"
+    if command == "cache":
+        from qbuild.cache_cli import main as cache_main
+
+        return cache_main(args)
+    if command == "verify-bundle":
+        return _verify_bundle(args)
     ns = (_embed_parser() if command == "embed" else _parser()).parse_intermixed_args(args)
+    from qbuild.ci import is_manifest_arg
+
+    ns.manifests = [ns.manifest, *(a for a in ns.overrides if is_manifest_arg(a))]
+    ns.overrides = [a for a in ns.overrides if not is_manifest_arg(a)]
     try:
+        several = len(ns.manifests) > 1 or any(c in ns.manifest for c in "*?[") or os.path.isdir(ns.manifest)
+        if several and (command not in ("build", "plan") or ns.multirun or ns.cfg):
+            from qbuild.errors import ManifestError
+
+            raise ManifestError(f"qbuild {'-m' if ns.multirun else '--cfg' if ns.cfg else command} takes one "
+                                f"manifest; got {' '.join(ns.manifests)}")
+        if command != "build" and (ns.out or ns.cache != "on"):
+            from qbuild.errors import ManifestError
+
+            raise ManifestError(f"--out and --cache are options of a build, not of qbuild {command}")
+        if command == "plan" and several:
+            return _plan_many(ns)
+        if command == "build" and (several or ns.out or ns.cache != "on"):
+            return _build_many(ns)
         if ns.cfg:
             return _print_cfg(ns)
         if ns.multirun and command != "build":
@@ -141,6 +173,71 @@ def _build(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _build_many(ns: argparse.Namespace) -> int:
+    from qbuild.ci import build_many, expand_manifests
+    from qbuild.execute.reporter import ConsoleReporter, JsonReporter
+
+    manifests = expand_manifests(ns.manifests)
+    reporter: Any = JsonReporter() if ns.json else ConsoleReporter()
+    builds = build_many(manifests, ns.overrides, cache_dir=ns.cache_dir, cache=ns.cache, out=ns.out,
+                        reporter=reporter, remote=ns.remote)
+    if ns.json:
+        summaries = [b.summary() for b in builds]
+        print(json.dumps(summaries if len(ns.manifests) > 1 or len(builds) > 1 else summaries[0]))
+        return 0
+    if len(builds) > 1:
+        print(f"qbuild: {len(builds)} manifests")
+        for b in builds:
+            states = [s["state"] for s in b.result.stages]
+            counts = ", ".join(f"{states.count(x)} {x}" for x in ("built", "pulled", "redone", "cached")
+                               if states.count(x))
+            print(f"  {b.name:<24} {counts}, {b.result.seconds:.2f}s" + (f"  -> {b.bundle}" if b.bundle else ""))
+    elif builds and builds[0].bundle:
+        print(f"  bundle     {builds[0].bundle}")
+    return 0
+
+
+def _plan_many(ns: argparse.Namespace) -> int:
+    from qbuild.ci import expand_manifests
+
+    status = 0
+    rows = []
+    for path in expand_manifests(ns.manifests):
+        sub = argparse.Namespace(**{**vars(ns), "manifest": str(path)})
+        if ns.json:
+            from qbuild.api import plan
+
+            p = plan(str(path), ns.overrides, cache_dir=ns.cache_dir, remote=ns.remote)
+            rows.append({"name": p.composed.name, "manifest": str(path), "notes": p.notes,
+                         "stages": [{"name": s.name, "key": s.key, "state": s.state, "reasons": s.reasons}
+                                    for s in p.stages]})
+        else:
+            status = max(status, _plan(sub))
+    if ns.json:
+        print(json.dumps(rows))
+    return status
+
+
+def _verify_bundle(args: list[str]) -> int:
+    from qbuild.bundle import verify_bundle
+
+    p = argparse.ArgumentParser(prog="qbuild verify-bundle",
+                                description="Re-digest a bundle written by --out against its provenance.json.")
+    p.add_argument("directory", help="a bundle (OUT/<name>) or a directory of bundles (OUT)")
+    p.add_argument("--json", action="store_true")
+    ns = p.parse_args(args)
+    try:
+        reports = verify_bundle(ns.directory)
+    except QBuildError as exc:
+        return _fail(exc, ns.json)
+    if ns.json:
+        print(json.dumps({"bundles": reports}))
+    else:
+        for r in reports:
+            print(f"qbuild verify-bundle: {r['bundle']}: {r['files']} files match provenance.json")
+    return 0
+
+
 def _sweep(ns: argparse.Namespace) -> int:
     from qbuild.store import default_cache_dir
     from qbuild.sweep import render, sweep
@@ -179,7 +276,7 @@ def _run(ns: argparse.Namespace) -> int:
         print(text, end="", flush=True)
 
     result = run(ns.manifest, ns.overrides, prompts=ns.prompt, max_new_tokens=ns.max_new_tokens,
-                 cache_dir=ns.cache_dir, reporter=reporter, on_text=on_text if stream else None)
+                 cache_dir=ns.cache_dir, reporter=reporter, on_text=on_text if stream else None, remote=ns.remote)
     if ns.json:
         print(json.dumps(result.to_json()))
     elif stream:
@@ -233,7 +330,7 @@ def _embed(ns: argparse.Namespace) -> int:
     # stdout carries only the embeddings: build events go to standard error
     reporter: Any = JsonReporter(sys.stderr) if ns.json else ConsoleReporter(sys.stderr)
     result = embed(ns.manifest, texts, ns.overrides, cache_dir=ns.cache_dir, reporter=reporter,
-                   progress=_progress_bar if len(texts) > 1 else None)
+                   progress=_progress_bar if len(texts) > 1 else None, remote=ns.remote)
     summary = result.summary()
     if ns.json:
         print(json.dumps(summary))

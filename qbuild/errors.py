@@ -99,6 +99,24 @@ class CacheError(QBuildError):
     exit_code = 8
 
 
+class CacheMiss(CacheError):
+    """``--cache=readonly``: a stage is not in the cache (names the stage and why it would be built)."""
+
+    exit_code = 10
+
+
+class NotReproducible(QBuildError):
+    """``--cache=redo``: a rebuilt stage's output differs from the cached one."""
+
+    exit_code = 11
+
+
+class BundleError(QBuildError):
+    """A bundle (``--out``) does not match its provenance, or cannot be written."""
+
+    exit_code = 12
+
+
 class RunError(QBuildError):
     """Running a built artifact failed: a prompt too long for the context, an unusable input."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,12 @@ class BuildResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def execute(plan: Plan, store: Store, reporter: Reporter) -> BuildResult:
-    """Build every stage of ``plan`` that is not cached; return the result."""
+def execute(plan: Plan, store: Store, reporter: Reporter, *, redo: bool = False) -> BuildResult:
+    """Build every stage of ``plan`` that is not cached; return the result. ``redo``: also rebuild every
+    cached stage, compare its files with the cached entry's (row ``reproducible``, ``differs``) and keep
+    the cached entry, so everything downstream goes on from the same bytes."""
     t_build = time.monotonic()
-    if any(sp.state == "build" for sp in plan.stages):
+    if redo or any(sp.state == "build" for sp in plan.stages):
         store.clean_staging()
     result = BuildResult(plan.composed.name)
     entries: dict[str, Entry] = {}
@@ -49,14 +52,19 @@ def execute(plan: Plan, store: Store, reporter: Reporter) -> BuildResult:
     for sp in plan.stages:
         t0 = time.monotonic()
         entry, state = (sp.entry, "cached") if sp.state == "cached" else (None, "build")
-        if entry is None:
+        extra: dict[str, Any] = {}
+        if entry is not None and redo:
+            reporter.emit({"event": "stage_started", "stage": sp.name, "key": sp.key, "reasons": ["--cache=redo"]})
+            differs = _redo(sp, store, entry, entries, memo, reporter)
+            state, extra = "redone", {"reproducible": not differs, "differs": differs}
+        elif entry is None:
             reporter.emit({"event": "stage_started", "stage": sp.name, "key": sp.key, "reasons": sp.reasons})
             entry, state = _build(sp, store, entries, memo, reporter)
         assert entry is not None
         entries[sp.name] = entry
         seconds = round(time.monotonic() - t0, 3)
-        reporter.emit({"event": f"stage_{state}", "stage": sp.name, "key": sp.key, "seconds": seconds})
-        result.stages.append({"name": sp.name, "key": sp.key, "state": state, "seconds": seconds})
+        reporter.emit({"event": f"stage_{state}", "stage": sp.name, "key": sp.key, "seconds": seconds, **extra})
+        result.stages.append({"name": sp.name, "key": sp.key, "state": state, "seconds": seconds, **extra})
         for name, rel in entry.meta.get("artifacts", {}).items():
             result.artifacts[name] = str((entry.out / rel).resolve())
         if not store.readonly and history["stages"].get(sp.name, {}).get("key") != sp.key:
@@ -90,6 +98,34 @@ def _build(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dict[st
             return _run_stage(sp, store, entries, memo, reporter)
 
 
+def _redo(sp: StagePlan, store: Store, cached: Entry, entries: dict[str, Entry], memo: dict[str, Any],
+          reporter: Reporter) -> list[str]:
+    """Run the stage again into a staging directory and list the files whose bytes differ from the cached
+    entry's files (missing or extra files included); the staging directory is then removed."""
+    from qbuild.store.statcache import hash_file
+
+    staging = store.new_staging(sp.key)
+    ctx = StageContext(staging / "out", dict(entries), memo, store, dict(sp.resolved.sources),
+                       lambda msg, frac: reporter.emit({"event": "progress", "stage": sp.name,
+                                                        "message": msg, "fraction": frac}))
+    try:
+        try:
+            sp.stage.run(sp.resolved.params, ctx)
+        except errors.QBuildError:
+            raise
+        except Exception as exc:
+            cls = _STAGE_ERRORS.get(sp.name, errors.StageError)
+            raise cls(f"{sp.name} failed: {type(exc).__name__}: {exc}") from exc
+        out = staging / "out"
+        now = {f.relative_to(out).as_posix(): hash_file(f) for f in out.rglob("*") if f.is_file()}
+    finally:
+        remove_tree(staging)
+    # the cached files' bytes as they are now (not their recorded digests): a cached file damaged since it
+    # was published differs too
+    before = {f.relative_to(cached.out).as_posix(): hash_file(f) for f in cached.out.rglob("*") if f.is_file()}
+    return sorted(rel for rel in set(now) | set(before) if now.get(rel) != before.get(rel))
+
+
 def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dict[str, Any],
                reporter: Reporter) -> tuple[Entry, str]:
     """Run the stage into a staging directory and publish it (and push it to the remote)."""
@@ -98,6 +134,7 @@ def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dic
                        lambda msg, frac: reporter.emit({"event": "progress", "stage": sp.name,
                                                         "message": msg, "fraction": frac}))
     t0 = time.monotonic()
+    _reset_peak_rss()
     try:
         meta = sp.stage.run(sp.resolved.params, ctx)
     except BaseException as exc:
@@ -109,10 +146,31 @@ def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dic
         cls = _STAGE_ERRORS.get(sp.name, errors.StageError)
         raise cls(f"{sp.name} failed: {type(exc).__name__}: {exc}") from exc
     record = {"identity": sp.identity, "meta": meta, "seconds": round(time.monotonic() - t0, 3),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "peak_rss_bytes": _peak_rss(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     entry = store.publish(sp.name, sp.key, staging, record)
     _push(entry, store, reporter)
     return entry, "built"
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: ``clear_refs`` 5 resets VmHWM)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory (bytes) since :func:`_reset_peak_rss`; the process's lifetime
+    peak where the window cannot be reset; None where neither is known."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None
 
 
 def _pull(sp: StagePlan, store: Store, reporter: Reporter) -> Entry | None:

@@ -76,6 +76,12 @@ class ConsoleReporter(Reporter):
             self._running = None
             how = {"stage_cached": "cached", "stage_built": "built ", "stage_pulled": "pulled"}[kind]
             self._line(f"  {e['stage']:<10} {how} {e['seconds']:7.2f}s  {e['key'][:12]}")
+        elif kind == "stage_redone":
+            self._running = None
+            same = "same bytes" if e["reproducible"] else "DIFFERS: " + ", ".join(e["differs"][:5])
+            self._line(f"  {e['stage']:<10} redone {e['seconds']:7.2f}s  {e['key'][:12]}  {same}")
+        elif kind == "manifest":
+            self._line(f"qbuild: {e['name']} ({e['manifest']})")
         elif kind == "remote_damaged":
             self._line(f"  {e['stage']:<10} remote entry damaged ({e['problem']}): rebuilding")
         elif kind == "push_failed":
@@ -89,8 +95,10 @@ class ConsoleReporter(Reporter):
     def _summary(self, e: dict[str, Any]) -> None:
         built = sum(s["state"] == "built" for s in e["stages"])
         pulled = sum(s["state"] == "pulled" for s in e["stages"])
+        redone = sum(s["state"] == "redone" for s in e["stages"])
         self._line(f"qbuild: {e['name']}: {built} built, " + (f"{pulled} pulled, " if pulled else "")
-                   + f"{len(e['stages']) - built - pulled} cached, {e['seconds']:.2f}s")
+                   + (f"{redone} redone, " if redone else "")
+                   + f"{len(e['stages']) - built - pulled - redone} cached, {e['seconds']:.2f}s")
         for name, path in e["artifacts"].items():
             self._line(f"  {name:<10} {path}")
 

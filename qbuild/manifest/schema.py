@@ -132,6 +132,15 @@ class VerifySpec:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    """Where built entries are shared; never part of a key (it moves outputs, it does not shape them)."""
+
+    remote: str | None = _f(None, key=False, help="remote cache shared by several local caches: a directory, "
+                                                  "file:// or fsspec URL (s3://bucket/prefix); --remote wins "
+                                                  "over it, $QBUILD_REMOTE is used when neither is set")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A fully composed, validated build description."""
 
@@ -142,4 +151,5 @@ class Manifest:
     export: ExportSpec = _f(factory=ExportSpec)
     compile: CompileSpec = _f(factory=CompileSpec)
     verify: VerifySpec = _f(factory=VerifySpec)
+    cache: CacheSpec = _f(factory=CacheSpec)
     name: str = _f("", help="artifact name; defaults to the manifest file's stem")

@@ -219,6 +219,17 @@ def check_manifest(m: Manifest) -> None:
     _check_seq(m)
     _check_transforms(m)
     _check_pooling(m)
+    _check_cache(m)
+
+
+def _check_cache(m: Manifest) -> None:
+    """A remote URL that carries a secret is refused before the manifest is remembered anywhere."""
+    if m.cache.remote:
+        from qbuild.store.remote import url_problem
+
+        problem = url_problem(m.cache.remote)
+        if problem:
+            raise ManifestError(f"cache.remote: {problem}", key="cache.remote")
 
 
 def _check_model(m: Manifest) -> None:

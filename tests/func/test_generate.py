@@ -96,7 +96,7 @@ def test_fixed_shape_sessions_give_the_same_tokens(tmp_path: Path) -> None:
                 cache_dir=tmp_path)
     assert fixed.tokens == dynamic.tokens and fixed.stats["prefill_chunks"] >= 3
     auto = build(KV, common, cache_dir=tmp_path)
-    choice = json.loads((Path(auto.artifacts["compiled"]) / "session.json").read_text())["session"]
+    choice = json.loads((Path(auto.artifacts["compiled"]).parent / "record.json").read_text())["meta"]["session"]
     assert choice["mode"] in ("fixed", "dynamic") and choice["reason"].startswith("measured")
     assert [t["name"] for t in choice["timings"]] == ["Prefill_0", "Prefill_1", "Decode"]
 

@@ -253,3 +253,18 @@ def test_the_shipped_launcher_configs_compose(launcher: str, target: str, fields
         assert OmegaConf.to_container(conf.ray, resolve=True)["init"] == {"address": None,
                                                                           "object_store_memory": None}
         assert conf.ray.remote.num_cpus == 1
+
+
+def test_sweep_jobs_push_to_the_remote_cache(tmp_path: Path) -> None:
+    """--remote reaches every job: a second cache sweeping the same variants pulls every stage."""
+    from qbuild.sweep import sweep
+
+    remote = tmp_path / "remote"
+    args = ["compile.onnxruntime.threads=1,2", "verify.enabled=false"]
+    first = sweep(KV, args, cache_dir=tmp_path / "a", launcher="basic", remote=str(remote))
+    assert [r["status"] for r in first.rows] == ["ok", "ok"]
+    assert len(list(remote.glob("objects/compile/*/record.json"))) == 2
+    second = sweep(KV, args, cache_dir=tmp_path / "b", launcher="basic", remote=str(remote))
+    assert all(set(r["stages"].values()) == {"pulled"} or set(r["stages"].values()) == {"pulled", "cached"}
+               for r in second.rows)
+    assert [r["keys"] for r in second.rows] == [r["keys"] for r in first.rows]

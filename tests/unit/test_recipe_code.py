@@ -18,7 +18,8 @@ from tests.unit.test_key_property import FAKE_SDK, LLAMA, put
 PACKAGE = Path(qbuild.__file__).parent
 #: modules that cannot shape any stage's output: the command line, the API, planning, execution and the
 #: store move artifacts around but never compute them. Every other module must be in some recipe.
-NOT_RECIPES = ("__init__.py", "__main__.py", "api.py", "cli.py", "errors.py", "sweep.py", "execute/*.py",
+NOT_RECIPES = ("__init__.py", "__main__.py", "api.py", "cli.py", "errors.py", "sweep.py", "ci.py", "bundle.py",
+               "cache_cli.py", "execute/*.py",
                "manifest/*.py", "plan/*.py", "store/*.py", "conf/*.py", "stages/__init__.py")
 
 
