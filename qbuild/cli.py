@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="build: on (default); readonly: fail on the first stage not cached; redo: rebuild "
                         "everything and fail if an output differs from the cached one; verify: re-digest "
                         "every cached file used; off: a throwaway cache")
+    p.add_argument("--ignore-memory", action="store_true",
+                   help="build even when an export's estimated peak memory exceeds what is available")
     p.add_argument("--out", help="build: write each manifest's artifacts and provenance.json to OUT/<name>/")
     p.add_argument("--remote", help="remote cache shared by several caches: a directory or an fsspec URL such as "
                                     "s3://bucket/prefix (default: cache.remote, then $QBUILD_REMOTE); missing "
@@ -79,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ns.manifests = [ns.manifest, *(a for a in ns.overrides if is_manifest_arg(a))]
     ns.overrides = [a for a in ns.overrides if not is_manifest_arg(a)]
+    if ns.ignore_memory:
+        os.environ["QBUILD_IGNORE_MEMORY"] = "1"
     try:
         several = len(ns.manifests) > 1 or any(c in ns.manifest for c in "*?[") or os.path.isdir(ns.manifest)
         if several and (command not in ("build", "plan") or ns.multirun or ns.cfg):

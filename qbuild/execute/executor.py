@@ -49,8 +49,12 @@ def execute(plan: Plan, store: Store, reporter: Reporter, *, redo: bool = False)
     memo: dict[str, Any] = {}
     history = store.read_history(plan.manifest_id) if not store.readonly else {}
     history.update(manifest=str(plan.composed.source), stages=history.get("stages", {}))
+    exports = [sp for sp in plan.stages if sp.name == "export" and sp.state == "build" and not redo]
+    checked = bool(exports) and _check_memory(plan, store, {}, reporter)  # before anything, if weights are known
     for sp in plan.stages:
         t0 = time.monotonic()
+        if sp in exports and not checked:
+            _check_memory(plan, store, entries, reporter)  # random weights: once load has made them
         entry, state = (sp.entry, "cached") if sp.state == "cached" else (None, "build")
         extra: dict[str, Any] = {}
         if entry is not None and redo:
@@ -135,6 +139,7 @@ def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dic
                                                         "message": msg, "fraction": frac}))
     t0 = time.monotonic()
     _reset_peak_rss()
+    start_rss = _rss()
     try:
         meta = sp.stage.run(sp.resolved.params, ctx)
     except BaseException as exc:
@@ -146,7 +151,13 @@ def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dic
         cls = _STAGE_ERRORS.get(sp.name, errors.StageError)
         raise cls(f"{sp.name} failed: {type(exc).__name__}: {exc}") from exc
     record = {"identity": sp.identity, "meta": meta, "seconds": round(time.monotonic() - t0, 3),
-              "peak_rss_bytes": _peak_rss(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "peak_rss_bytes": _peak_rss(), "start_rss_bytes": start_rss,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if sp.name == "export":  # what the memory estimate of later exports is measured against
+        from qbuild.plan.memory import model_dir_of_entries, weight_bytes
+
+        directory = model_dir_of_entries(sp, entries)
+        record["weight_bytes"] = weight_bytes(directory) if directory is not None else None
     entry = store.publish(sp.name, sp.key, staging, record)
     _push(entry, store, reporter)
     return entry, "built"
@@ -156,6 +167,28 @@ def _reset_peak_rss() -> None:
     """Start a new peak-RSS window for this process (Linux: ``clear_refs`` 5 resets VmHWM)."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+
+
+def _check_memory(plan: Plan, store: Store, entries: dict[str, Entry], reporter: Reporter) -> bool:
+    """PlanError when the export's estimated peak memory exceeds what is available; whether it could
+    be estimated yet (the weights it reads are known)."""
+    from qbuild.plan.memory import check, export_estimate
+
+    estimate = export_estimate(plan, store.root, entries)
+    if estimate is None:
+        return False
+    reporter.emit({"event": "memory_estimate", "stage": "export", "peak_bytes": estimate.peak,
+                   "available_bytes": estimate.available, "text": estimate.describe()})
+    check(estimate, plan.composed.name)
+    return True
+
+
+def _rss() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def _peak_rss() -> int | None:

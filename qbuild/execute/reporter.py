@@ -80,6 +80,8 @@ class ConsoleReporter(Reporter):
             self._running = None
             same = "same bytes" if e["reproducible"] else "DIFFERS: " + ", ".join(e["differs"][:5])
             self._line(f"  {e['stage']:<10} redone {e['seconds']:7.2f}s  {e['key'][:12]}  {same}")
+        elif kind == "memory_estimate":
+            self._line(f"qbuild: {e['text']}")
         elif kind == "manifest":
             self._line(f"qbuild: {e['name']} ({e['manifest']})")
         elif kind == "remote_damaged":

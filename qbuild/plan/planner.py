@@ -120,7 +120,14 @@ def make_plan(composed: ComposedManifest, store: Store) -> Plan:
         if state == "build" and store.remote is not None and store.remote.has(stage.name, key):
             reasons = [f"in the remote cache {store.remote.url}: will be pulled (digests checked)", *reasons]
         planned.append(StagePlan(stage, key, r.resolved, ident, r.reads, state, reasons, entry))
-    return Plan(composed, planned, notes, mid)
+    the_plan = Plan(composed, planned, notes, mid)
+    if any(s.name == "export" and s.state == "build" for s in planned):
+        from qbuild.plan.memory import export_estimate
+
+        estimate = export_estimate(the_plan, store.root)
+        notes.append(estimate.describe() if estimate is not None
+                     else "export: peak memory estimated once the load stage has made the weights")
+    return the_plan
 
 
 def _fmt(v: Any) -> str:
