@@ -13,7 +13,7 @@ from qbuild.execute.reporter import Reporter
 from qbuild.plan.planner import Plan, StagePlan
 from qbuild.stages.base import StageContext
 from qbuild.store import Entry, Store
-from qbuild.store.store import remove_tree
+from qbuild.store.store import cache_write_error, remove_tree
 
 _STAGE_ERRORS: dict[str, type[errors.StageError]] = {
     "load": errors.LoadError, "export": errors.ExportError,
@@ -144,6 +144,11 @@ def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dic
         meta = sp.stage.run(sp.resolved.params, ctx)
     except BaseException as exc:
         remove_tree(staging)
+        full = cache_write_error(exc, f"{sp.name}: writing {staging / 'out'}")  # a full disk, not a stage bug
+        if full is not None:
+            reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,
+                           "seconds": round(time.monotonic() - t0, 3), "error": str(full)})
+            raise full from exc
         reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,
                        "seconds": round(time.monotonic() - t0, 3), "error": str(exc)})
         if isinstance(exc, errors.QBuildError) or not isinstance(exc, Exception):

@@ -103,13 +103,21 @@ def _read_data(path: Path) -> dict[str, Any]:
                 return tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ManifestError(f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); a manifest is a UTF-8 TOML file") from None
     import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except yaml.YAMLError as e:
         raise _yaml_error(e, path) from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); a manifest is a UTF-8 YAML file") from None
+    except (OmegaConfBaseException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ManifestError(f"{path}: not a manifest: {first[:200]}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: expected a mapping at the top level")
     return data  # type: ignore[return-value]

@@ -63,3 +63,38 @@ def test_invalid_config_is_not_memoised(tmp_path: Path) -> None:
     with pytest.raises(ManifestError):
         compose(m, memo_dir=tmp_path / "memo")
     assert not (tmp_path / "memo").exists()
+
+
+def test_edited_memo_is_ignored_and_rewritten(tmp_path: Path) -> None:
+    """A memo changed after it was written (still valid JSON) does not match its digest: composed again."""
+    m = _write(tmp_path / "m" / "x.yaml", {"defaults": [{"model": "tiny-llama"}, "_self_"]})
+    memo = tmp_path / "memo"
+    assert compose(m, memo_dir=memo).manifest.model.seed == 0
+    (f,) = memo.glob("*.json")
+    data = json.loads(f.read_text())
+    data["config"]["model"]["seed"] = 7
+    f.write_text(json.dumps(data))
+    assert compose(m, memo_dir=memo).manifest.model.seed == 0
+    assert json.loads(f.read_text())["config"]["model"]["seed"] == 0  # rewritten from the manifest
+
+
+def test_memo_of_another_key_or_format_is_ignored(tmp_path: Path) -> None:
+    from qbuild.manifest import memo
+
+    memo.save(tmp_path, "a" * 64, {"x": 1})
+    assert memo.load(tmp_path, "a" * 64) == {"x": 1}
+    (tmp_path / f"{'b' * 64}.json").write_text((tmp_path / f"{'a' * 64}.json").read_text())
+    assert memo.load(tmp_path, "b" * 64) is None
+    (tmp_path / f"{'c' * 64}.json").write_text(json.dumps({"x": 1}))  # a format-1 memo: the bare config
+    assert memo.load(tmp_path, "c" * 64) is None
+
+
+def test_resolvers_in_hydra_settings_do_not_prevent_the_memo(tmp_path: Path) -> None:
+    """qbuild/conf/hydra/launcher/*.yaml use ${...} resolvers; they never reach the job's configuration."""
+    from qbuild.manifest import memo
+
+    m = _write(tmp_path / "m" / "x.yaml", {"defaults": [{"model": "tiny-llama"}, "_self_"]})
+    _write(tmp_path / "m" / "hydra" / "launcher" / "mine.yaml", {"dir": "${now:%H}"})
+    assert memo.memo_key(m, []) is not None
+    _write(tmp_path / "m" / "model" / "mine.yaml", {"revision": "${oc.env:X}"})
+    assert memo.memo_key(m, []) is None
