@@ -150,3 +150,19 @@ def test_options_of_a_build_are_refused_elsewhere(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "takes one manifest" in proc.stderr
     proc = run_qbuild("verify-bundle", str(tmp_path))
     assert proc.returncode == 12 and "no provenance.json" in proc.stderr
+
+
+def test_cache_verify_mode_rereads_every_used_file_and_rebuilds_a_damaged_one(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run_qbuild(str(TINY), *QUICK, cache=cache, check=True)
+    sound = run_qbuild(str(TINY), *QUICK, "--cache", "verify", "--json", cache=cache, check=True)
+    assert {s["state"] for s in last_json(sound.stdout)["stages"]} == {"cached"}
+    data = next((cache / "objects" / "export").glob("*/out/model.onnx"))
+    data.parent.chmod(0o755)
+    data.chmod(0o644)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    data.write_bytes(bytes(raw))
+    redo = run_qbuild(str(TINY), *QUICK, "--cache", "verify", "--json", cache=cache, check=True)
+    states = {s["name"]: s["state"] for s in last_json(redo.stdout)["stages"]}
+    assert states == {"load": "cached", "export": "built", "compile": "cached"}
