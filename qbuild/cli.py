@@ -12,6 +12,8 @@ from typing import Any
 
 from qbuild.errors import EXIT_INTERRUPTED, QBuildError
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, the status a shell reports for a writer whose reader left
+
 COMMANDS = ("build", "plan", "run", "embed", "verify-bundle", "cache")
 
 USAGE = """qbuild [build] MANIFEST [MANIFEST|DIR|GLOB ...] [KEY=VALUE ...] [--json] [--cache-dir DIR] [--cfg [job]]
@@ -29,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qbuild", usage=USAGE,
                                 description="Declarative, incremental builds of transformers for "
                                             "Cloud AI 100 and ONNX Runtime.")
-    p.add_argument("manifest", help="manifest file (.yaml or .toml), in any directory")
+    p.add_argument("manifest", nargs="?", help="manifest file (.yaml, .yml or .toml), in any directory; a build "
+                                               "or plan also takes several, a directory or a glob")
+    p.add_argument("--version", action="version", version=f"qbuild {_version()}")
     p.add_argument("overrides", nargs="*", help="Hydra overrides: compile.onnxruntime.threads=8 model=tiny-llama")
     p.add_argument("--json", action="store_true", help="JSON-lines events and a final summary object")
     p.add_argument("--cache-dir", help="cache directory (default $QBUILD_CACHE or ./cache)")
@@ -44,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "s3://bucket/prefix (default: cache.remote, then $QBUILD_REMOTE); missing "
                                     "entries are pulled from it (digests checked), builds pushed to it")
     p.add_argument("--cfg", nargs="?", const="job", choices=["job"],
-                   help="print the resolved configuration and exit")
+                   help="print the full resolved configuration (schema defaults included; JSON with --json) "
+                        "and exit")
     p.add_argument("--explain", action="store_true", help="plan: print the exact compiler command / configuration")
     p.add_argument("-m", "--multirun", action="store_true",
                    help="sweep: Hydra's sweeper over the overrides, one build per combination")
@@ -63,7 +68,51 @@ def _parser() -> argparse.ArgumentParser:
                    help="sweep: time a short fixed decode / embed on each artifact (tokens/s, embeddings/s)")
     p.add_argument("--prompt", action="append", default=[], help="run: a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="run: tokens to generate per prompt")
+    p.add_argument("--text", action="append", default=[], help="embed: a text to embed (repeatable)")
+    p.add_argument("--file", action="append", default=[],
+                   help="embed: a file with one text per line (blank lines skipped); - reads standard input")
+    p.epilog = ("commands: build (the default), plan, run, embed, verify-bundle DIR, cache {ls,du,verify,gc,rm} "
+                "(qbuild cache --help). Exit codes: README.md, 'Exit codes'.")
     return p
+
+
+def _version() -> str:
+    from qbuild import __version__
+
+    return __version__
+
+
+#: options that only some commands take (dest -> commands); giving one elsewhere is an error, not ignored
+_ONLY = {"prompt": ("run",), "max_new_tokens": ("run",), "text": ("embed",), "file": ("embed",),
+         "explain": ("plan",), "out": ("build",), "cache": ("build",)}
+#: options of a sweep (-m) only
+_SWEEP_ONLY = ("launcher", "sweeper", "objective", "trials", "jobs", "sweep_dir", "fail_fast", "measure")
+
+
+def _check_options(ns: argparse.Namespace, command: str, given: set[str]) -> None:
+    """Refuse an option the command would ignore, and Hydra's own settings outside a sweep."""
+    from qbuild.errors import ManifestError
+
+    for dest, commands in _ONLY.items():
+        if dest in given and command not in commands:
+            raise ManifestError(f"--{dest.replace('_', '-')} is an option of qbuild {' / '.join(commands)}, "
+                                f"not of qbuild {command}")
+    if not ns.multirun:
+        for dest in _SWEEP_ONLY:
+            if dest in given:
+                raise ManifestError(f"--{dest.replace('_', '-')} is an option of a sweep (qbuild MANIFEST -m ...)")
+        for o in ns.overrides:
+            key = o.lstrip("+~").split("=", 1)[0]
+            if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+                raise ManifestError(f"{key}: Hydra's own settings do nothing in a build (qbuild keeps the working "
+                                    "directory and writes only to the cache); they configure a sweep (-m)",
+                                    key=key)
+
+
+def _given(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> set[str]:
+    """The options whose value differs from their default (what the user gave)."""
+    return {a.dest for a in parser._actions
+            if a.dest not in ("help", "version", "manifest", "overrides") and getattr(ns, a.dest, None) != a.default}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,7 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cache_main(args)
     if command == "verify-bundle":
         return _verify_bundle(args)
-    ns = (_embed_parser() if command == "embed" else _parser()).parse_intermixed_args(args)
+    parser = _parser()
+    ns = parser.parse_intermixed_args(args)
+    if ns.manifest is None:
+        parser.print_usage(sys.stderr)
+        print("qbuild: error: name a manifest, e.g. qbuild manifests/tiny-llama.yaml (qbuild --help for more)",
+              file=sys.stderr)
+        return 2
     from qbuild.ci import is_manifest_arg
 
     ns.manifests = [ns.manifest, *(a for a in ns.overrides if is_manifest_arg(a))]
@@ -84,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.ignore_memory:
         os.environ["QBUILD_IGNORE_MEMORY"] = "1"
     try:
+        _check_options(ns, command, _given(parser, ns))
         several = len(ns.manifests) > 1 or any(c in ns.manifest for c in "*?[") or os.path.isdir(ns.manifest)
         if several and (command not in ("build", "plan") or ns.multirun or ns.cfg):
             from qbuild.errors import ManifestError
@@ -112,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qbuild: interrupted; nothing partial was published", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (qbuild ... | head): end quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def _fail(exc: QBuildError, as_json: bool) -> int:
@@ -125,10 +185,22 @@ def _fail(exc: QBuildError, as_json: bool) -> int:
 
 
 def _print_cfg(ns: argparse.Namespace) -> int:
+    """The full configuration a build would use: the composed manifest with every schema default filled in."""
+    import dataclasses
+
     from qbuild.manifest import compose, to_yaml
 
-    print(to_yaml(compose(ns.manifest, ns.overrides).config), end="")
+    full = _plain(dataclasses.asdict(compose(ns.manifest, ns.overrides).manifest))
+    print(json.dumps(full, sort_keys=True) if ns.json else to_yaml(full), end="\n" if ns.json else "")
     return 0
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _plan(ns: argparse.Namespace) -> int:
@@ -141,7 +213,9 @@ def _plan(ns: argparse.Namespace) -> int:
         print(json.dumps({"name": p.composed.name, "notes": p.notes, "stages": rows,
                           **({"explain": explain} if ns.explain else {})}))
         return 0
-    print(f"qbuild plan: {p.composed.name} ({p.composed.source})")
+    from qbuild.execute.reporter import printable
+
+    print(f"qbuild plan: {printable(p.composed.name)} ({printable(str(p.composed.source))})")
     for note in p.notes:
         print(f"  {note}")
     for r in rows:
@@ -289,14 +363,6 @@ def _run(ns: argparse.Namespace) -> int:
         for prompt, text in zip(result.prompts, result.texts, strict=True):
             print(f"{prompt}{text}")
     return 0
-
-
-def _embed_parser() -> argparse.ArgumentParser:
-    p = _parser()
-    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
-    p.add_argument("--file", action="append", default=[],
-                   help="a file with one text per line (blank lines skipped); - reads standard input")
-    return p
 
 
 def _embed_texts(ns: argparse.Namespace) -> list[str]:

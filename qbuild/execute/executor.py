@@ -149,8 +149,9 @@ def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dic
             reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,
                            "seconds": round(time.monotonic() - t0, 3), "error": str(full)})
             raise full from exc
-        reporter.emit({"event": "stage_failed", "stage": sp.name, "key": sp.key,
-                       "seconds": round(time.monotonic() - t0, 3), "error": str(exc)})
+        interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C: the stage did not fail, it was stopped
+        reporter.emit({"event": "stage_interrupted" if interrupted else "stage_failed", "stage": sp.name,
+                       "key": sp.key, "seconds": round(time.monotonic() - t0, 3), "error": str(exc)})
         if isinstance(exc, errors.QBuildError) or not isinstance(exc, Exception):
             raise
         cls = _STAGE_ERRORS.get(sp.name, errors.StageError)

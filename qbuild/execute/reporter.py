@@ -32,6 +32,11 @@ class JsonReporter(Reporter):
         self.stream.flush()
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (a manifest's name is printed to a terminal)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 class ConsoleReporter(Reporter):
     """A line per stage; on a terminal, a live status line with elapsed time for running stages."""
 
@@ -83,11 +88,14 @@ class ConsoleReporter(Reporter):
         elif kind == "memory_estimate":
             self._line(f"qbuild: {e['text']}")
         elif kind == "manifest":
-            self._line(f"qbuild: {e['name']} ({e['manifest']})")
+            self._line(f"qbuild: {printable(e['name'])} ({printable(e['manifest'])})")
         elif kind == "remote_damaged":
             self._line(f"  {e['stage']:<10} remote entry damaged ({e['problem']}): rebuilding")
         elif kind == "push_failed":
             self._line(f"  {e['stage']:<10} push to the remote failed: {e['error']}")
+        elif kind == "stage_interrupted":
+            self._running = None
+            self._line(f"  {e['stage']:<10} interrupted {e['seconds']:7.2f}s")
         elif kind == "stage_failed":
             self._running = None
             self._line(f"  {e['stage']:<10} FAILED {e['seconds']:7.2f}s")
@@ -98,7 +106,7 @@ class ConsoleReporter(Reporter):
         built = sum(s["state"] == "built" for s in e["stages"])
         pulled = sum(s["state"] == "pulled" for s in e["stages"])
         redone = sum(s["state"] == "redone" for s in e["stages"])
-        self._line(f"qbuild: {e['name']}: {built} built, " + (f"{pulled} pulled, " if pulled else "")
+        self._line(f"qbuild: {printable(e['name'])}: {built} built, " + (f"{pulled} pulled, " if pulled else "")
                    + (f"{redone} redone, " if redone else "")
                    + f"{len(e['stages']) - built - pulled - redone} cached, {e['seconds']:.2f}s")
         for name, path in e["artifacts"].items():
