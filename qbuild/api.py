@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +102,7 @@ class RunResult:
     prompts: list[str]
     tokens: list[list[int]]
     texts: list[str]
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # timings, counts, the tokenizer used
 
     def to_json(self) -> dict[str, Any]:
         return {"results": [{"prompt": p, "tokens": t, "text": x}
@@ -130,13 +129,14 @@ def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
 
 def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str], max_new_tokens: int,
               on_text: Callable[[int, str], None] | None) -> RunResult:
-    from qbuild.models.tokenizer import load_tokenizer
     from qbuild.runtime.generate import open_runtime
+    from qbuild.runtime.tokenizer import open_tokenizer
 
     m = composed.manifest
     assert result.tokenizer_dir is not None and result.model_dir is not None
-    tok = load_tokenizer(Path(result.tokenizer_dir))
-    ids = [tok(p)["input_ids"] for p in prompts]
+    export_dir = Path(result.artifacts["onnx"]).parent if "onnx" in result.artifacts else None
+    tok = open_tokenizer(export_dir, Path(result.tokenizer_dir), Path(result.model_dir))
+    ids = tok.encode(prompts)
     rt = open_runtime(Path(result.artifacts["compiled"]), ctx_len=m.seq.ctx_len, buckets=m.seq.lengths)
     streamed: list[list[int]] = [[] for _ in prompts]
     shown = [0] * len(prompts)  # characters of each row's text already passed to on_text
@@ -149,17 +149,17 @@ def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str
 
     def on_token(row: int, token: int) -> None:
         streamed[row].append(token)
-        emit(row, tok.decode(streamed[row], skip_special_tokens=True), final=False)
+        emit(row, tok.decode(streamed[row]), final=False)
 
-    eos = json.loads((Path(result.model_dir) / "config.json").read_text()).get("eos_token_id")
-    g = rt.generate(ids, max_new_tokens, eos, on_token)
-    texts = [tok.decode(t, skip_special_tokens=True) for t in g.tokens]
+    g = rt.generate(ids, max_new_tokens, tok.eos_token_id, on_token)
+    texts = [tok.decode(t) for t in g.tokens]
     for row, text in enumerate(texts):
         emit(row, text, final=True)
     new = sum(len(t) for t in g.tokens)
     stats = {"prefill_s": round(g.prefill_s, 4), "decode_s": round(g.decode_s, 4), "new_tokens": new,
              "prefill_chunks": g.chunks,
-             "decode_tok_s": round(g.decode_steps * len(prompts) / g.decode_s, 2) if g.decode_s else 0.0}
+             "decode_tok_s": round(g.decode_steps * len(prompts) / g.decode_s, 2) if g.decode_s else 0.0,
+             "tokenizer": tok.kind}
     return RunResult(prompts, g.tokens, texts, stats)
 
 

@@ -62,8 +62,14 @@ def execute(plan: Plan, store: Store, reporter: Reporter, *, redo: bool = False)
             differs = _redo(sp, store, entry, entries, memo, reporter)
             state, extra = "redone", {"reproducible": not differs, "differs": differs}
         elif entry is None:
-            reporter.emit({"event": "stage_started", "stage": sp.name, "key": sp.key, "reasons": sp.reasons})
-            entry, state = _build(sp, store, entries, memo, reporter)
+            try:
+                reporter.emit({"event": "stage_started", "stage": sp.name, "key": sp.key, "reasons": sp.reasons})
+                entry, state = _build(sp, store, entries, memo, reporter)
+            except KeyboardInterrupt as exc:  # Ctrl-C while waiting for a lock, pulling or publishing
+                if not getattr(exc, "qbuild_reported", False):
+                    reporter.emit({"event": "stage_interrupted", "stage": sp.name, "key": sp.key,
+                                   "seconds": round(time.monotonic() - t0, 3), "error": ""})
+                raise
         assert entry is not None
         entries[sp.name] = entry
         seconds = round(time.monotonic() - t0, 3)
@@ -152,6 +158,8 @@ def _run_stage(sp: StagePlan, store: Store, entries: dict[str, Entry], memo: dic
         interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C: the stage did not fail, it was stopped
         reporter.emit({"event": "stage_interrupted" if interrupted else "stage_failed", "stage": sp.name,
                        "key": sp.key, "seconds": round(time.monotonic() - t0, 3), "error": str(exc)})
+        if interrupted:
+            exc.qbuild_reported = True  # type: ignore[attr-defined]
         if isinstance(exc, errors.QBuildError) or not isinstance(exc, Exception):
             raise
         cls = _STAGE_ERRORS.get(sp.name, errors.StageError)

@@ -1,4 +1,5 @@
-"""Tokenizers without a hub: a byte-level BPE trained in-process with vocab = model vocab."""
+"""Tokenizers without a hub: a byte-level BPE trained in-process with vocab = model vocab; loading a local
+tokenizer offline; and saving the ``tokenizers`` pipeline transformers built, for the runtime (no transformers)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,73 @@ def load_tokenizer(directory: Path):  # -> PreTrainedTokenizerBase
             return _from_tokenizer_json(directory, tokenizer_config)
         raise LoadError(f"model.tokenizer: {directory} needs custom code to load its tokenizer: {one_line(exc)}",
                         hint=hint) from exc
+
+
+# --- the runtime tokenizer ------------------------------------------------------------------------------
+
+RUNTIME_DIR = "tokenizer"  # in the export entry: tokenizer.json + runtime.json (qbuild.runtime.tokenizer reads them)
+RUNTIME_FORMAT = 1
+#: texts whose ids and decoded text must come out the same through the saved pipeline before it is saved
+PROBES = ("hi", "My name is", " leading and  double  spaces, tabs\tand\nnew lines\n",
+          "Ünïcödé: héllo wörld, naïve café; 日本語のテキスト; emoji 🤖👍🏽",
+          "don't you'll I'm we've they're isn't .,?! ' quoted '",
+          "1234567890 3.14159 $100 #tag @user http://example.com/a?b=c")
+#: methods whose transformers versions the saved pipeline reproduces; a class overriding one is not saved
+_REPRODUCED = ("__call__", "_encode_plus", "encode", "decode", "_decode", "convert_tokens_to_string")
+
+
+def _overridden(tok: Any) -> list[str]:
+    """The encode/decode methods ``tok``'s class overrides from transformers' TokenizersBackend."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    return [n for n in _REPRODUCED if getattr(type(tok), n, None) is not getattr(TokenizersBackend, n, None)]
+
+
+def _cleans_up(tok: Any) -> bool:
+    """Whether transformers' decode applies ``clean_up_tokenization`` (it never does for a BPE model)."""
+    if not tok.clean_up_tokenization_spaces:
+        return False
+    forced = getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    return type(tok.backend_tokenizer.model).__name__ != "BPE" or bool(forced)
+
+
+def save_runtime_tokenizer(tok: Any, out_dir: Path, eos_token_id: int | list[int] | None) -> str | None:
+    """Save the ``tokenizers`` pipeline of the transformers tokenizer ``tok`` (as transformers configured it:
+    post-processor with BOS/EOS, added special tokens) and the facts the runtime needs into ``out_dir``.
+
+    Saved only when that pipeline gives exactly transformers' ids and decoded text on :data:`PROBES` (and the
+    special tokens); else nothing is written and the reason is returned (the runtime then uses transformers)."""
+    if getattr(tok, "backend_tokenizer", None) is None:
+        return f"{type(tok).__name__} has no `tokenizers` backend (a slow tokenizer)"
+    if overridden := _overridden(tok):
+        return f"{type(tok).__name__} overrides {', '.join(overridden)}"
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    backend.encode_special_tokens = bool(tok.split_special_tokens)
+    cleans_up = _cleans_up(tok)
+    texts = [*PROBES, " ".join(str(t) for t in tok.all_special_tokens) + " end"]
+    for text in texts:
+        want = list(tok(text)["input_ids"])
+        ids = backend.encode(text, add_special_tokens=True).ids
+        got = backend.decode(ids, skip_special_tokens=True)
+        if ids != want or (clean_up(got) if cleans_up else got) != tok.decode(want, skip_special_tokens=True):
+            return f"the saved pipeline differs from transformers on {text!r}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out_dir / "tokenizer.json"))
+    facts = {"format": RUNTIME_FORMAT, "class": type(tok).__name__, "add_special_tokens": True,
+             "split_special_tokens": bool(tok.split_special_tokens), "clean_up_tokenization_spaces": cleans_up,
+             "eos_token_id": eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+    (out_dir / "runtime.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return None
+
+
+def clean_up(text: str) -> str:
+    """transformers' ``clean_up_tokenization`` (spaces before punctuation and contractions)."""
+    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(old, new)
+    return text

@@ -9,6 +9,10 @@ symbolic, so the graph does not depend on the buckets, the context length or the
 shape only the specialisations (compile). Custom ops (``custom_rmsnorm``) are ONNX functions appended
 to the model, so ONNX Runtime runs the same graph. Verify: the artifact's greedy tokens must equal
 HF ``generate(do_sample=False)`` on the untransformed model.
+
+Beside the graph, export saves ``tokenizer/``: the ``tokenizers`` pipeline transformers builds for the model's
+tokenizer, with the EOS ids of its generation config, so that ``qbuild run`` tokenises exactly as transformers
+does without importing it (qbuild.runtime.tokenizer).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from qbuild.tasks.export_common import DATA_FILE, MODEL_FILE, check_args, gather
 
 if TYPE_CHECKING:
     from qbuild.runtime import Artifact
-    from qbuild.stages.base import StageContext
+    from qbuild.stages.base import StageContext, TokenizerRef
     from qbuild.stages.export import ExportParams
     from qbuild.stages.verify import VerifyParams
 
@@ -35,6 +39,11 @@ _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_CTX = 2, 5, 23
 
 def _names(prefix: str, n: int) -> list[str]:
     return [prefix] if n == 1 else [f"{prefix}_{i}" for i in range(n)]
+
+
+@dataclass(frozen=True)
+class KVExport:
+    tokenizer: TokenizerRef  # saved beside the graph for the runtime
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,14 @@ class KVCausalLMTask(Task):
     code = ("tasks/__init__.py", "tasks/kv_causal_lm.py", "tasks/export_common.py")
     retained_state = True
 
+    def export_options(self, m: Manifest) -> KVExport:
+        from qbuild.stages.load import resolve_model
+
+        return KVExport(resolve_model(m)[1])
+
     def export(self, model: Any, out: Path, p: ExportParams, ctx: StageContext) -> dict[str, Any]:
-        return export_kv_causal_lm(model, out, exporter=p.exporter, opset=p.opset)
+        info = export_kv_causal_lm(model, out, exporter=p.exporter, opset=p.opset)
+        return {**info, "runtime_tokenizer": save_tokenizer(model, out, p, ctx)}
 
     def specializations(self, m: Manifest) -> list[dict[str, Any]]:
         """One Prefill per bucket, then Decode (seq_len 1), as QEfficient compiles them."""
@@ -218,6 +233,22 @@ def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int)
     except Exception as exc:
         raise ExportError(f"{exporter} export to {path} failed: {one_line(exc)}") from exc
     return _describe(model, exporter, opset, sorted(output_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})))
+
+
+def save_tokenizer(model: Any, out: Path, p: ExportParams, ctx: StageContext) -> str:
+    """Save the runtime tokenizer into ``out/tokenizer``; says what ``qbuild run`` will tokenise with."""
+    from qbuild.models.tokenizer import RUNTIME_DIR, load_tokenizer, save_runtime_tokenizer
+
+    if not isinstance(p.options, KVExport):
+        return "transformers: the export was given no tokenizer"
+    generation = getattr(model, "generation_config", None)
+    eos = generation.eos_token_id if generation is not None else model.config.eos_token_id
+    try:
+        tok = load_tokenizer(ctx.tokenizer_dir(p.options.tokenizer, p.model))
+        why = save_runtime_tokenizer(tok, Path(out) / RUNTIME_DIR, eos)
+    except Exception as exc:  # a build without a (usable) tokenizer is fine until something tokenises
+        return f"transformers: {one_line(exc)}"
+    return "tokenizers" if why is None else f"transformers: {why}"
 
 
 # --- verify -----------------------------------------------------------------------------------------
