@@ -121,8 +121,11 @@ def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
     cache = _cache(cache_dir)
     composed = _composed(manifest, overrides, cache, write=True)
     if task_name(composed.manifest) != "causal_lm_kv":
+        embedding = composed.manifest.model.task == "embedding"
+        hint = ("an embedding model does not generate: use qbuild embed MANIFEST --text TEXT" if embedding
+                else "add transforms=kv_cache: the runtime generates with the retained-state KV cache")
         raise RunError(f"qbuild run generates with a KV-cache causal LM; {composed.source.name} builds task "
-                       f"{task_name(composed.manifest)}", hint="add transforms=kv_cache (or use qbuild embed)")
+                       f"{task_name(composed.manifest)}", hint=hint)
     result = _build(composed, cache, reporter, execute_as="qbuild run", remote=remote)
     return _generate(composed, result, list(prompts), max_new_tokens, on_text)
 

@@ -95,3 +95,10 @@ def test_control_characters_in_a_name_are_shown_escaped(tmp_path: Path) -> None:
     proc = run_qbuild("plan", str(m), cache=tmp_path / "cache", check=True)
     assert "\x1b" not in proc.stdout and "\a" not in proc.stdout
     assert "tiny\\x1b[31mred\\x07" in proc.stdout
+
+
+def test_run_on_an_embedding_model_points_to_embed(tmp_path: Path) -> None:
+    proc = run_qbuild("run", str(BERT), "--prompt", "hi", cache=tmp_path / "cache")
+    assert proc.returncode == 9 and "use qbuild embed" in proc.stderr and "kv_cache" not in proc.stderr
+    lm = run_qbuild("run", str(TINY), "--prompt", "hi", cache=tmp_path / "cache")
+    assert lm.returncode == 9 and "add transforms=kv_cache" in lm.stderr
