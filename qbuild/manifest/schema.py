@@ -1,7 +1,8 @@
 """The manifest schema: one frozen dataclass per config group.
 
 Field metadata drives validation (``qbuild.manifest.validate``):
-``choices`` (allowed values), ``min`` / ``max`` (inclusive range), ``help`` (shown in errors).
+``choices`` (allowed values), ``min`` / ``max`` (inclusive range; ``why`` is shown with a range error),
+``help`` (shown in errors). Floats must be finite.
 Two more facts are declared here for the keys (``tests/unit/test_key_property.py`` walks them):
 ``content=True``: the value locates files whose content, not the value, is keyed (a copy elsewhere
 builds nothing new); ``key=False``: the value cannot change any output (a time limit).
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+#: seq.batch_size / verify.batch_size at most: a sanity bound (2**32 asked for a 1 TiB input buffer)
+MAX_BATCH = 4096
 
 
 def _f(default: Any = None, *, factory: Any = None, **meta: Any) -> Any:
@@ -31,7 +35,7 @@ class ModelSpec:
     init: str | None = _f(None, choices=[None, "random"], help="random: initialise from `architecture`")
     architecture: str | None = _f(None, help="transformers model_type for init: random, e.g. llama")
     config: dict[str, Any] = _f(factory=dict, help="config overrides (init: random) ")
-    seed: int = _f(0, min=0)
+    seed: int = _f(0, min=0, max=2**64 - 1, why="torch.manual_seed takes at most 2**64 - 1")
     dtype: str = _f("float32", choices=["float32", "float16", "bfloat16"])
     tokenizer: str | None = _f(None, content=True, help="tokenizer directory; default: the model directory; "
                                           "train-bpe: train a byte-level BPE with vocab = model vocab")
@@ -61,7 +65,7 @@ class SeqSpec:
     lengths: list[int] = _f(factory=lambda: [32], min=1, help="buckets: one compiled specialisation each; "
                                                               "the smallest that fits an input is used")
     ctx_len: int = _f(128, min=1)
-    batch_size: int = _f(1, min=1)
+    batch_size: int = _f(1, min=1, max=MAX_BATCH, why="a sanity bound: inputs and KV caches scale with it")
     overflow: str = _f("error", choices=["error", "truncate"], help="input longer than the largest bucket")
 
 
@@ -122,9 +126,9 @@ class VerifySpec:
 
     enabled: bool = _f(True)
     atol: float | None = _f(None, min=0.0, help="default: 1e-4 on logits, 1e-5 on embeddings")
-    batch_size: int = _f(2, min=1)
+    batch_size: int = _f(2, min=1, max=MAX_BATCH, why="a sanity bound: verify inputs scale with it")
     seq_len: int = _f(16, min=1)
-    seed: int = _f(0, min=0)
+    seed: int = _f(0, min=0, max=2**32 - 1, why="numpy's RandomState takes at most 2**32 - 1")
     prompts: list[str] = _f(factory=lambda: ["My name is", "The quick brown fox jumps over the lazy dog and"],
                             help="causal LMs with kv_cache: greedy tokens must equal HF generate")
     max_new_tokens: int = _f(32, min=1)

@@ -1,13 +1,16 @@
 """Turn a composed config dict into a frozen, validated :class:`Manifest`.
 
 ``to_manifest`` walks the dataclasses of ``qbuild.manifest.schema`` generically: keys, types,
-``choices`` and ``min`` / ``max`` metadata. ``check_manifest`` then applies the cross-field rules.
+``choices`` and ``min`` / ``max`` metadata, finite floats (also inside free-form mappings such as
+``model.config``). ``check_manifest`` then applies the cross-field rules, and those that need the
+model's type or config values (``qbuild.manifest.model_facts``, without importing transformers or torch).
 Every error is a :class:`ManifestError` whose ``key`` is the full dotted key.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import Field, fields, is_dataclass
@@ -15,6 +18,7 @@ from functools import cache
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from qbuild.errors import ManifestError
+from qbuild.manifest.model_facts import check_model
 from qbuild.manifest.schema import Manifest
 
 _NoneType = type(None)
@@ -143,6 +147,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise _type_error(key, tp, value)
+        bad = non_finite(value, key)
+        if bad is not None:
+            raise ManifestError(f"{bad[0]}: {bad[1]} is not a finite number; values here must be finite numbers "
+                                "(they are keyed as JSON)", key=bad[0])
         return dict(value)
     return _convert_scalar(tp, value, key)
 
@@ -183,8 +191,24 @@ def _type_error(key: str, tp: Any, value: Any) -> ManifestError:
     return ManifestError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}", key=field_key)
 
 
+def non_finite(value: Any, key: str) -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN or infinite float in ``value`` (through mappings and lists)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = non_finite(v, f"{key}[{k}]" if isinstance(value, list) else f"{key}.{k}")
+        if found is not None:
+            return found
+    return None
+
+
 def _check_meta(value: Any, meta: Mapping[str, Any], key: str) -> Any:
-    """Apply ``choices`` and ``min`` / ``max`` (per element for lists)."""
+    """Apply finiteness, ``choices`` and ``min`` / ``max`` (per element for lists)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        lo, hi = meta.get("min"), meta.get("max")
+        bound = "".join(f" {op} {b}" for op, b in ((">=", lo), ("<=", hi)) if b is not None)
+        raise ManifestError(f"{key}: {value} is not a finite number; must be a finite number{bound}", key=key)
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         shown = [_show(c) for c in choices]
@@ -196,29 +220,35 @@ def _check_meta(value: Any, meta: Mapping[str, Any], key: str) -> Any:
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
             where = f"{key}[{i}]" if isinstance(value, list) else key
-            _check_range(item, meta.get("min"), meta.get("max"), where, key)
+            _check_range(item, meta, where, key)
     return value
 
 
-def _check_range(value: Any, lo: Any, hi: Any, where: str, key: str) -> None:
+def _check_range(value: Any, meta: Mapping[str, Any], where: str, key: str) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
     if value is None or (lo is None or value >= lo) and (hi is None or value <= hi):
         return
     if lo is not None and hi is not None:
         bound = f"between {lo} and {hi}"
     else:
         bound = f">= {lo}" if lo is not None else f"<= {hi}"
-    raise ManifestError(f"{where}: {value} is out of range; must be {bound}", key=key)
+    why = f" ({meta['why']})" if meta.get("why") else ""
+    raise ManifestError(f"{where}: {value} is out of range; must be {bound}{why}", key=key)
 
 
 # --- cross-field rules ----------------------------------------------------------------------------
 
 
 def check_manifest(m: Manifest) -> None:
-    """Rules that span several keys: model source, sequence lengths vs context, transform names."""
+    """Rules that span several keys: model source, sequence lengths vs context, transform names, the model's
+    type and config values (``model_facts``), exporter vs opset, verify seeds."""
     _check_model(m)
     _check_seq(m)
     _check_transforms(m)
+    check_model(m)
     _check_pooling(m)
+    _check_export(m)
+    _check_verify(m)
     _check_cache(m)
 
 
@@ -291,12 +321,36 @@ def _check_transforms(m: Manifest) -> None:
         return  # qbuild.transforms is imported only when a manifest names a transform
     known = _known_transforms()
     for i, name in enumerate(m.transforms.apply):
+        if name == "none":
+            raise ManifestError(
+                f"transforms.apply[{i}]: 'none' is the transforms group option for no rewrites, not a transform; "
+                f"list transform names only (known: {', '.join(known)}), or [] for none", key="transforms.apply")
         if name not in known:
             listed = ", ".join(known) if known else "(none registered)"
             raise ManifestError(
                 f"transforms.apply[{i}]: unknown transform {name!r}; known: {listed}{suggest(name, known)}",
                 key="transforms.apply",
             )
+        if name in m.transforms.apply[:i]:
+            raise ManifestError(f"transforms.apply[{i}]: {name} is listed twice; apply each transform once",
+                                key="transforms.apply")
+
+
+def check_group_options(defaults: Sequence[str]) -> None:
+    """Group options composed together (``transforms=[kv_cache,none]``): each transforms option sets the
+    whole ``transforms.apply`` list, so all but the last would be dropped. ``defaults``: the composed
+    config paths in merge order (``transforms/kv_cache``, ...), from Hydra's defaults list."""
+    chosen = [p.rpartition("/")[2] for p in defaults if p.rpartition("/")[0] == "transforms"]
+    if len(chosen) < 2:
+        return
+    shown = f"transforms=[{','.join(chosen)}]"
+    if "none" in chosen:
+        others = ", ".join(c for c in chosen if c != "none")
+        raise ManifestError(f"transforms: {shown}: 'none' cannot be combined with {others}; it means no rewrites",
+                            key="transforms", hint=f"use transforms={others} alone, or transforms=none")
+    raise ManifestError(f"transforms: {shown}: each option sets the whole transforms.apply list, so only the last "
+                        f"({chosen[-1]}) would apply; choose one option", key="transforms",
+                        hint="or list the rewrites in one key: transforms.apply=[custom_rmsnorm,kv_cache]")
 
 
 def _check_pooling(m: Manifest) -> None:
@@ -308,3 +362,33 @@ def _check_pooling(m: Manifest) -> None:
         raise ManifestError(
             f"pooling.method: {m.pooling.method} pools encoder outputs, but model.task is {m.model.task}",
             key="pooling.method", hint="set model.task=embedding for an encoder, or drop the pooling override")
+
+
+def _check_export(m: Manifest) -> None:
+    """The dynamo exporter emits the opsets of torch's torchlib (18 and later) and needs onnxscript."""
+    if m.export.exporter != "dynamo":
+        return
+    from qbuild.tasks.export_common import DYNAMO_MIN_OPSET
+
+    if m.export.opset < DYNAMO_MIN_OPSET:
+        top = next(f.metadata["max"] for f in fields(type(m.export)) if f.name == "opset")
+        raise ManifestError(
+            f"export.opset: {m.export.opset} is below what the dynamo exporter emits (its torchlib implements opset "
+            f"{DYNAMO_MIN_OPSET} and later); with export.exporter=dynamo, export.opset must be between "
+            f"{DYNAMO_MIN_OPSET} and {top}", key="export.opset",
+            hint=f"set export.opset={DYNAMO_MIN_OPSET} or later, or export.exporter=legacy for older opsets")
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:
+        raise ManifestError("export.exporter: the dynamo exporter needs the onnxscript package, which is not "
+                            "installed; valid here: legacy", key="export.exporter",
+                            hint="pip install onnxscript, or set export.exporter=legacy")
+
+
+def _check_verify(m: Manifest) -> None:
+    """Embedding verify seeds numpy's RandomState with ``verify.seed + bucket``, which must stay < 2**32."""
+    top = 2**32 - 1
+    if m.model.task == "embedding" and m.seq.lengths and m.verify.seed + max(m.seq.lengths) > top:
+        raise ManifestError(
+            f"verify.seed: {m.verify.seed} + the longest bucket {max(m.seq.lengths)} exceeds numpy's seed limit "
+            f"2**32 - 1; must be <= {top - max(m.seq.lengths)}", key="verify.seed")

@@ -26,4 +26,25 @@ def stages_for(m: Manifest) -> tuple[list[Stage], list[str]]:
         stages.append(VerifyStage(task))
     for stage in stages[1:]:  # the manifest values that chose the task (and the backend) shape these stages
         stage.selected_by = {**task_reads, **(backend_reads if stage.name == "compile" else {})}
-    return stages, [why]
+    return stages, [why, *ignored_settings(m, backend.name, task.name)]
+
+
+def ignored_settings(m: Manifest, backend: str, task: str) -> list[str]:
+    """Notes for settings given in the manifest that this build does not use (never dropped silently)."""
+    import dataclasses
+    import json
+
+    notes = []
+    for group in ("onnxruntime", "qaic"):
+        if group == backend:
+            continue
+        spec = getattr(m.compile, group)
+        for f in dataclasses.fields(spec):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            value = getattr(spec, f.name)
+            if value != default:
+                shown = json.dumps(value, default=str)
+                notes.append(f"compile.{group}.{f.name}: {shown} is not used: the compile backend is {backend}")
+    if backend == "qaic" and m.compile.qaic.mxint8_kv_cache and task != "causal_lm_kv":
+        notes.append("compile.qaic.mxint8_kv_cache: not used: this model has no KV cache (add transforms=kv_cache)")
+    return notes
