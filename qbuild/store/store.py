@@ -82,6 +82,49 @@ def _os_error(exc: OSError, what: str) -> CacheError:
     return cache_write_error(exc, what) or CacheError(f"{what}: {exc.strerror or exc}{where}")
 
 
+_CACHE_DIR_HINT = "--cache-dir (or QBUILD_CACHE) names a directory, or a path where one can be created"
+
+
+def check_cache_dir(root: Path, *, readonly: bool) -> None:
+    """Raise one CacheError naming ``root`` and why when it cannot serve as a cache directory: not a directory,
+    not readable, or (unless ``readonly``) not writable. A writable store creates a missing ``root``; a
+    read-only one (``plan``) writes nothing, so a missing ``root`` is fine where a directory could hold it."""
+    try:
+        st = os.stat(root)
+    except (FileNotFoundError, NotADirectoryError):
+        ancestor = _existing_ancestor(root)
+        if not ancestor.is_dir():
+            raise CacheError(f"cache directory {root}: cannot exist, {ancestor} is a file",
+                             hint=_CACHE_DIR_HINT) from None
+        if not readonly:
+            _create_cache_dir(root, ancestor)
+        return
+    except OSError as exc:
+        raise CacheError(f"cache directory {root}: {exc.strerror or exc}", hint=_CACHE_DIR_HINT) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"cache directory {root}: not a directory (a file is there)", hint=_CACHE_DIR_HINT)
+    need, what = (os.R_OK | os.X_OK, "readable") if readonly else (os.R_OK | os.W_OK | os.X_OK, "writable")
+    if not os.access(root, need):
+        raise CacheError(f"cache directory {root}: not {what} (permission denied or a read-only file system)",
+                         hint=_CACHE_DIR_HINT)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists (a directory, or the file that blocks it)."""
+    parent = path.parent
+    while parent != parent.parent and not os.path.lexists(parent):
+        parent = parent.parent
+    return parent
+
+
+def _create_cache_dir(root: Path, ancestor: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cache directory {root}: cannot create it in {ancestor}: {exc.strerror or exc}",
+                         hint=_CACHE_DIR_HINT) from None
+
+
 @dataclass(frozen=True)
 class Entry:
     """A published cache entry."""
@@ -109,6 +152,7 @@ class Store:
         self.readonly = readonly
         self.verify = verify
         self.remote = remote  # a qbuild.store.remote DirectoryRemote or FsspecRemote shared with other caches, or None
+        check_cache_dir(self.root, readonly=readonly)
         self.stats = StatCache(self.root / "statcache.sqlite", readonly=readonly)
         self._host = socket.gethostname()
         self._read_locks: dict[str, int] = {}  # key -> fd holding a shared flock while this store uses the entry

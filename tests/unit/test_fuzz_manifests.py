@@ -65,14 +65,14 @@ plain_keys = st.one_of(st.sampled_from(["x", "apply", "threads", "hydra", "defau
 
 
 def _nested(depth: int) -> st.SearchStrategy[Any]:
-    """Lists and mappings of at most ``depth`` leaves, so at most that deep (issue 11: 200-level nesting
-    gives a 24 KB message, a known hole this fuzzing leaves out)."""
+    """Lists and mappings of at most ``depth`` leaves, so at most that deep (past the depth limit of
+    ``qbuild.manifest.limits``, so that deeper input is refused with a short message: issue 11)."""
     return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                          st.dictionaries(plain_keys, inner, max_size=3)),
                         max_leaves=depth)
 
 
-junk = _nested(12)
+junk = _nested(40)  # > limits.MAX_DEPTH (32)
 
 
 def _valid(key: str) -> st.SearchStrategy[Any]:

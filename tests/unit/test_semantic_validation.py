@@ -137,8 +137,6 @@ def test_single_group_options_pass() -> None:
     check_group_options(["model/tiny-llama", "transforms/kv_cache", "compile/qaic", "compile/qaic-mxfp6"])
 
 
-@pytest.mark.xfail(strict=True, reason="compose.py (not this module's owner) must pass Hydra's defaults list to "
-                                       "qbuild.manifest.validate.check_group_options")
 def test_transforms_none_combined_is_an_error_when_composed() -> None:
     with pytest.raises(ManifestError) as info:
         compose(LLAMA, ["transforms=[kv_cache,none]"])
