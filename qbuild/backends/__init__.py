@@ -87,6 +87,15 @@ def resolve_backend(m: Manifest) -> tuple[Backend, str]:
     qaic = get_backend("qaic")
     found, why = qaic.available(m)
     if wanted == "auto":
+        from qbuild.backends.qaic_sdk import discover
+
+        sdk = discover(m) if found else None
+        if sdk is not None and not (sdk.apps_version or sdk.platform_version):
+            # an executable that no SDK installation vouches for (compile.qaic.compiler=/bin/false): auto does
+            # not bet a build on it; compile=qaic uses it as given
+            return get_backend("onnxruntime"), (f"compile.backend: auto -> onnxruntime ({sdk.compiler} has no Cloud "
+                                                f"AI 100 SDK around it: no versions/apps.xml; compile=qaic uses it "
+                                                f"anyway)")
         if found:
             return qaic, f"compile.backend: auto -> qaic ({why})"
         return get_backend("onnxruntime"), f"compile.backend: auto -> onnxruntime ({why})"

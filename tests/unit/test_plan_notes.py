@@ -29,3 +29,14 @@ def test_mxint8_kv_cache_without_a_kv_cache_is_noted(tmp_path: Path, monkeypatch
     kv = plan(ROOT / "manifests" / "tiny-llama-kv.yaml", ["compile=qaic", "compile.qaic.mxint8_kv_cache=true"],
               cache_dir=tmp_path)
     assert not [n for n in kv.notes if "mxint8_kv_cache" in n]
+
+
+def test_auto_does_not_bet_a_build_on_a_compiler_no_sdk_vouches_for(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.func.test_qaic_backend import FAKE_SDK
+
+    p = plan(TINY, ["compile=auto", "compile.qaic.compiler=/bin/false"], cache_dir=tmp_path)
+    assert p.stage("compile").stage.backend.name == "onnxruntime"
+    assert p.notes[0].startswith("compile.backend: auto -> onnxruntime (/bin/false has no Cloud AI 100 SDK")
+    monkeypatch.setenv("QAIC_SDK_DIR", str(FAKE_SDK))  # an installation with its version files: auto takes it
+    assert plan(TINY, ["compile=auto"], cache_dir=tmp_path).stage("compile").stage.backend.name == "qaic"
