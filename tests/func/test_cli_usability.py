@@ -56,8 +56,8 @@ def test_cfg_prints_the_full_configuration_with_defaults_and_as_json() -> None:
     assert data["model"]["config"]["hidden_size"] == 64 and "enabled" in data["verify"]
 
 
-def test_output_piped_into_head_ends_quietly(warm_tiny_cache: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "QBUILD_CACHE": str(warm_tiny_cache)}
+def test_output_piped_into_head_ends_quietly(tiny_cache: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "QBUILD_CACHE": str(tiny_cache)}  # a private copy: the shared warm cache stays as built
     cmd = f"{sys.executable} -m qbuild {TINY} --json | head -1; echo rc=${{PIPESTATUS[0]}} >&2"
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
