@@ -250,6 +250,21 @@ def check_manifest(m: Manifest) -> None:
     _check_export(m)
     _check_verify(m)
     _check_cache(m)
+    _check_name(m)
+
+
+MAX_NAME = 200
+
+
+def _check_name(m: Manifest) -> None:
+    """``name`` names a bundle directory (``--out DIR/<name>``) and is printed: short, one line, no slashes."""
+    if len(m.name) > MAX_NAME:
+        raise ManifestError(f"name: {len(m.name):,} characters; a name has at most {MAX_NAME}", key="name")
+    bad = sorted({c for c in m.name if not c.isprintable() or c in "/\\"})
+    if bad:
+        shown = ", ".join(c.encode("unicode_escape").decode("ascii") if not c.isprintable() else c for c in bad)
+        raise ManifestError(f"name: {shown} cannot be part of a name (it names the bundle directory and is "
+                            "printed)", key="name")
 
 
 def _check_cache(m: Manifest) -> None:

@@ -88,13 +88,24 @@ def test_ctrl_c_is_an_interruption_not_a_failure(tmp_path: Path) -> None:
     assert not list((tmp_path / "objects").glob("export/*"))  # nothing partial published
 
 
-def test_control_characters_in_a_name_are_shown_escaped(tmp_path: Path) -> None:
-    m = tmp_path / "m.yaml"
-    m.write_text(TINY.read_text().replace("name: tiny-llama", "name: \"tiny\\e[31mred\\a\"")
-                 if "name: tiny-llama" in TINY.read_text() else TINY.read_text() + '\nname: "tiny\\e[31mred\\a"\n')
+def test_a_name_with_control_characters_slashes_or_20k_characters_is_refused(tmp_path: Path) -> None:
+    for bad, message in (('"tiny\\e[31mred\\a"', "name: \\x07, \\x1b cannot be part of a name"),
+                         ('"a/b"', "name: / cannot be part of a name"),
+                         ("x" * 20000, "name: 20,000 characters; a name has at most 200")):
+        m = tmp_path / "m.yaml"
+        m.write_text(TINY.read_text().replace("name: tiny-llama", f"name: {bad}"))
+        proc = run_qbuild("plan", str(m), cache=tmp_path / "cache")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "\x1b" not in proc.stderr and len(proc.stderr) < 1000
+
+
+def test_control_characters_in_a_manifest_path_are_shown_escaped(tmp_path: Path) -> None:
+    d = tmp_path / "odd\x1bdir"
+    d.mkdir()
+    m = d / "m.yaml"
+    m.write_text(TINY.read_text())
     proc = run_qbuild("plan", str(m), cache=tmp_path / "cache", check=True)
-    assert "\x1b" not in proc.stdout and "\a" not in proc.stdout
-    assert "tiny\\x1b[31mred\\x07" in proc.stdout
+    assert "\x1b" not in proc.stdout and "odd\\x1bdir" in proc.stdout
 
 
 def test_run_on_an_embedding_model_points_to_embed(tmp_path: Path) -> None:
