@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 from qbuild.errors import ExportError, VerifyError, one_line
 from qbuild.manifest.schema import Manifest
 from qbuild.tasks import Task
-from qbuild.tasks.export_common import DATA_FILE, MODEL_FILE, check_args, gather_external_data, output_files, quiet
+from qbuild.tasks.export_common import (
+    DATA_FILE,
+    MODEL_FILE,
+    check_args,
+    check_model,
+    gather_external_data,
+    output_files,
+    quiet,
+    rewrite_small,
+)
 
 if TYPE_CHECKING:
     from qbuild.runtime import Artifact
@@ -177,21 +186,22 @@ def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, 
 
 
 def _finish(path: Path, opset: int, vocab: int) -> None:
-    """Append the ONNX functions of the custom ops the graph uses; state ``logits`` as ``[batch_size, 1, vocab]``."""
-    import onnx
+    """Append the ONNX functions of the custom ops the graph uses; state ``logits`` as ``[batch_size, 1, vocab]``.
 
+    The weights are not parsed: they are copied byte for byte (``rewrite_small``)."""
     from qbuild.transforms.custom_ops import add_functions
 
-    model = onnx.load(str(path), load_external_data=False)
-    add_functions(model, opset)
-    dims = model.graph.output[0].type.tensor_type.shape.dim  # the legacy exporter names dim 1 "Castlogits_dim_1"
-    for dim, value in zip(dims, ("batch_size", 1, vocab), strict=True):
-        dim.Clear()
-        if isinstance(value, str):
-            dim.dim_param = value
-        else:
-            dim.dim_value = value
-    onnx.save_model(model, str(path))  # external data references are kept as they are
+    def edit(model: Any) -> None:
+        add_functions(model, opset)
+        dims = model.graph.output[0].type.tensor_type.shape.dim  # the legacy exporter names dim 1 "Castlogits_dim_1"
+        for dim, value in zip(dims, ("batch_size", 1, vocab), strict=True):
+            dim.Clear()
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
+
+    rewrite_small(path, edit)  # external data references are kept as they are
 
 
 def _describe(model: Any, exporter: str, opset: int, files: list[str]) -> dict[str, Any]:
@@ -205,8 +215,6 @@ def _describe(model: Any, exporter: str, opset: int, files: list[str]) -> dict[s
 
 def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int) -> dict[str, Any]:
     """Export a ``kv_cache``-transformed ``model`` to ``out_dir/model.onnx`` (+ external data); checked."""
-    import onnx
-
     from qbuild.transforms.kv_cache import KVCausalLM
 
     if not isinstance(model, KVCausalLM):
@@ -227,7 +235,7 @@ def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int)
                 _export_legacy(wrapper, args, path, opset, names)
                 gather_external_data(path, output_files(out_dir) - before - {MODEL_FILE})
             _finish(path, opset, int(model.config.vocab_size))
-        onnx.checker.check_model(str(path))
+        check_model(path)  # the graph and the weights' headers; the weights' bytes are the exporter's
     except ExportError:
         raise
     except Exception as exc:
