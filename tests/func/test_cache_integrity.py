@@ -115,7 +115,13 @@ def test_corrupt_stat_cache_neither_fails_plan_nor_build(tiny_cache: Path, damag
     build = run_qbuild(str(TINY), "--json", "--cache-dir", str(tiny_cache))
     assert build.returncode == 0 and "Traceback" not in build.stderr, build.stderr
     assert {s["state"] for s in json.loads(build.stdout.splitlines()[-1])["stages"]} == {"cached"}
-    assert cache_cmd("verify", cache=tiny_cache).returncode == 0  # the build replaced the database
+    # the build either found the database unreadable and replaced it, or (a damaged page sqlite still reads)
+    # kept using it: rows carry their own check digest, so the answers above were right either way; then
+    # `cache verify` (sqlite's integrity check) reports the stat cache and removes it
+    first = cache_cmd("verify", cache=tiny_cache)
+    said = first.stdout + first.stderr
+    assert first.returncode == 0 or (first.returncode == 8 and "1 damaged" in said and "statcache.sqlite" in said), said
+    assert cache_cmd("verify", cache=tiny_cache).returncode == 0
 
 
 def test_an_edited_compose_memo_is_ignored(tiny_cache: Path) -> None:
