@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qbuild.errors import BundleError
+from qbuild.store.statcache import hash_file
 
 PROVENANCE = "provenance.json"
 FORMAT = 1
@@ -40,14 +41,6 @@ def seal(data: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of ``data`` without its ``seal`` field."""
     body = {k: v for k, v in data.items() if k != "seal"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def host_facts() -> dict[str, Any]:
@@ -103,7 +96,7 @@ def write_bundle(out_root: Path, plan: Any, result: Any, store: Any) -> Path:
             for fname in TOKENIZER_FILES:
                 if (tok / fname).is_file():
                     placed[f"tokenizer/{fname}"] = _place(tok / fname, tmp / "tokenizer" / fname)
-        files = {rel: {"size": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)} for rel in sorted(placed)}
+        files = {rel: {"size": (tmp / rel).stat().st_size, "sha256": hash_file(tmp / rel)} for rel in sorted(placed)}
         provenance = {
             "format": FORMAT,
             "qbuild": __version__,
@@ -176,7 +169,7 @@ def verify_bundle(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 problems.append(f"{rel}: missing")
             elif f.stat().st_size != info["size"]:
                 problems.append(f"{rel}: size {f.stat().st_size} != {info['size']}")
-            elif _sha256(f) != info["sha256"]:
+            elif hash_file(f) != info["sha256"]:
                 problems.append(f"{rel}: sha256 differs from provenance")
         for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
             rel = f.relative_to(bundle).as_posix()

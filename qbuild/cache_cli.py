@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,13 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CacheError(f"no cache directory at {root}", hint="give --cache-dir DIR or set QBUILD_CACHE")
         return {"ls": _ls, "du": _du, "verify": _verify, "gc": _gc, "rm": _rm}[ns.command](ns, root, as_json)
     except QBuildError as exc:
-        if os.environ.get("QBUILD_FULL_ERROR") == "1":
-            traceback.print_exception(exc)
-        if as_json:
-            print(json.dumps({"event": "error", "error": type(exc).__name__, "message": str(exc),
-                              "exit_code": exc.exit_code}))
-        print(f"qbuild cache: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        from qbuild.cli import _fail
+
+        return _fail(exc, as_json, prog="qbuild cache")
     except KeyboardInterrupt:
         print("qbuild cache: interrupted; the cache is consistent (a removal cut short is finished later)",
               file=sys.stderr)

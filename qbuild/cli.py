@@ -174,13 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
-def _fail(exc: QBuildError, as_json: bool) -> int:
+def _fail(exc: QBuildError, as_json: bool, prog: str = "qbuild") -> int:
+    """Print a known error as one message (JSON too with ``--json``); its exit code."""
     if os.environ.get("QBUILD_FULL_ERROR") == "1":
         traceback.print_exception(exc)
     if as_json:
         print(json.dumps({"event": "error", "error": type(exc).__name__, "message": str(exc),
                           "exit_code": exc.exit_code}))
-    print(f"qbuild: error: {exc}", file=sys.stderr)
+    print(f"{prog}: error: {exc}", file=sys.stderr)
     return exc.exit_code
 
 
