@@ -80,8 +80,19 @@ class StageContext:
             self.memo[("report", ref)] = report
         return self.memo[ref]
 
+    def forget(self, ref: ModelRef) -> None:
+        """Drop the model ``ref`` names from the memo and hand its memory back to the system (a later
+        ``model(ref)`` loads it again: memory-mapped weights, a fraction of a second)."""
+        if self.memo.pop(ref, None) is None:
+            return
+        import gc
+
+        gc.collect()  # transformers' modules hold reference cycles
+        release_free_memory()
+
     def transform_report(self, ref: ModelRef) -> list[dict[str, Any]]:
-        self.model(ref)
+        if ("report", ref) not in self.memo:
+            self.model(ref)
         return self.memo[("report", ref)]
 
 
@@ -118,3 +129,15 @@ class Stage:
     def run(self, params: Any, ctx: StageContext) -> dict[str, Any]:
         """Write outputs into ``ctx.out``; return JSON meta, with ``artifacts`` as relative paths."""
         raise NotImplementedError
+
+
+def release_free_memory() -> None:
+    """Return the C allocator's free pages to the system (glibc ``malloc_trim``; nothing elsewhere)."""
+    import contextlib
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

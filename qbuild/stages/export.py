@@ -55,4 +55,6 @@ class ExportStage(Stage):
         (ctx.out / "transform.json").write_text(json.dumps(report, indent=1))
         ctx.progress(f"torch.onnx.export ({p.exporter})", None)
         info = self.task.export(model, ctx.out, p, ctx)
+        del model
+        ctx.forget(p.model)  # compile never needs it; verify loads it again if it does
         return {**info, "transform": report, "artifacts": {"onnx": info["onnx"]}}

@@ -19,6 +19,7 @@ from qbuild.tasks.export_common import (
     check_args,
     example_inputs,
     gather_external_data,
+    legacy_export,
     output_files,
     quiet,
 )
@@ -87,20 +88,9 @@ def _logits_module(model: Any) -> Any:
 
 
 def _export_legacy(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int) -> None:
-    import torch
-
     axes = {name: {0: "batch", 1: "seq"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
-    torch.onnx.export(
-        wrapper,
-        args,
-        str(path),
-        input_names=list(INPUT_NAMES),
-        output_names=list(OUTPUT_NAMES),
-        dynamic_axes=axes,
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+    legacy_export(wrapper, args, path, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                  dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
 
 
 def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int) -> None:

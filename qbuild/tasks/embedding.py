@@ -24,6 +24,7 @@ from qbuild.tasks.export_common import (
     check_args,
     example_inputs,
     gather_external_data,
+    legacy_export,
     output_files,
     quiet,
 )
@@ -219,8 +220,8 @@ def _export(wrapper: Any, args: tuple[Any, ...], path: Path, output: str, export
         return
     axes: dict[str, dict[int, str]] = {n: {0: DIMS[0], 1: DIMS[1]} for n in INPUT_NAMES}
     axes[output] = {0: DIMS[0], 1: DIMS[1]} if output == "token_embeddings" else {0: DIMS[0]}
-    torch.onnx.export(wrapper, args, str(path), input_names=list(INPUT_NAMES), output_names=[output],
-                      dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+    legacy_export(wrapper, args, path, input_names=list(INPUT_NAMES), output_names=[output],
+                  dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
 
 
 def export_embedding(model: torch.nn.Module, out_dir: Path, pooling: Pooling, *, exporter: str,

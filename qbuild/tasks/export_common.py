@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,7 @@ def gather_external_data(path: Path, extra: set[str]) -> None:
     """Fold the legacy exporter's one-file-per-tensor external data (models > 2 GiB) into one file."""
     import onnx
 
+    extra = set(extra) - {DATA_FILE}  # already one file: legacy_export writes the weights there
     if not extra:
         return
     model = onnx.load(str(path))  # reads the external tensors into memory
@@ -86,6 +88,123 @@ def gather_external_data(path: Path, extra: set[str]) -> None:
         location=DATA_FILE,
         size_threshold=1024,
     )
+
+
+# --- the legacy exporter without its weight copies ----------------------------------------------------
+# ``torch.onnx.export(dynamo=False)`` hands the graph's parameters to ONNX shape inference (which serialises
+# every weight into a protobuf per pass), serialises them into the ModelProto (a C++ string, then Python
+# bytes), and parses that whole proto once more to look for onnxscript functions: for a 125M-parameter Llama,
+# 5.5 s and 1.5 GB above the weights. ``legacy_export`` runs the same exporter with the same arguments, but
+# shape inference sees only the small parameters (a weight's values never decide a shape: its type does), the
+# proto is serialised without parameters, and the weights are written once, straight from the tensors, as
+# ONNX external data. The graph is the same node for node (tests/func/test_export_memory.py checks it).
+_LEAN_LOCK = threading.Lock()
+#: parameters at most this many elements (or not floating point) still reach shape inference
+_SHAPE_PARAM_NUMEL = 4096
+#: tensors this large are external data; smaller ones stay in model.onnx (onnx's own default threshold)
+EXTERNAL_MIN_BYTES = 1024
+#: tensors from 1 MiB are aligned to 64 KiB in the data file, as onnx.save_model aligns them (mmap-able)
+_ALIGN_MIN_BYTES, _ALIGN = 1 << 20, 1 << 16
+
+
+def legacy_export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any) -> None:
+    """``torch.onnx.export(module, args, path, dynamo=False, **kwargs)``, writing the weights to
+    ``DATA_FILE`` beside ``path`` without serialising them into a protobuf (see above)."""
+    import torch
+
+    graph_cls = torch._C.Graph
+    export_onnx = getattr(graph_cls, "_export_onnx", None)
+    shape_pass = getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None)
+    if export_onnx is None or shape_pass is None:  # another torch: the plain exporter, weights in the proto
+        torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
+        return
+    captured: dict[str, Any] = {}
+
+    def lean_export_onnx(graph: Any, params: dict[str, Any], *rest: Any) -> Any:
+        captured.update(params)
+        proto, export_map, _external, node_names = export_onnx(graph, {}, *rest)
+        return proto, export_map, False, node_names
+
+    def lean_shape_pass(graph: Any, params: dict[str, Any], opset: int) -> Any:
+        small = {k: v for k, v in params.items()
+                 if v.numel() <= _SHAPE_PARAM_NUMEL or not (v.is_floating_point() or v.is_complex())}
+        return shape_pass(graph, small, opset)
+
+    with _LEAN_LOCK:
+        graph_cls._export_onnx = lean_export_onnx
+        torch._C._jit_pass_onnx_graph_shape_type_inference = lean_shape_pass
+        try:
+            torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
+        finally:
+            graph_cls._export_onnx = export_onnx
+            torch._C._jit_pass_onnx_graph_shape_type_inference = shape_pass
+    _attach_weights(path, captured)
+
+
+#: a non-contiguous weight (a folded Transpose: a view of the module's weight) is copied out this much at a time
+_CHUNK_BYTES = 8 << 20
+
+
+def _bytes(tensor: Any) -> Any:
+    """A contiguous tensor's bytes as a numpy uint8 array (no copy)."""
+    import torch
+
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _row_chunks(tensor: Any) -> Iterator[Any]:
+    """``tensor`` in row-major order as slices along dim 0 of at most ``_CHUNK_BYTES`` (one if contiguous)."""
+    if tensor.is_contiguous() or tensor.dim() == 0:
+        yield tensor
+        return
+    row = max(1, tensor[0].numel() * tensor.element_size())
+    step = max(1, _CHUNK_BYTES // row)
+    for start in range(0, tensor.shape[0], step):
+        yield tensor[start:start + step]
+
+
+_ONNX_DTYPES = {"float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6, "int64": 7, "bool": 9,
+                "float16": 10, "float64": 11, "uint32": 12, "uint64": 13, "bfloat16": 16}
+
+
+def _attach_weights(path: Path, params: dict[str, Any]) -> None:
+    """Turn the graph inputs named in ``params`` into initializers: values of ``EXTERNAL_MIN_BYTES`` or more
+    appended to ``DATA_FILE`` (one tensor at a time, in the exporter's order), smaller ones inline."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    data = path.with_name(DATA_FILE)
+    with open(data, "wb") as f:
+        for name in [i.name for i in model.graph.input if i.name in params]:  # the exporter's own order
+            tensor = params[name].detach()
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            if dtype not in _ONNX_DTYPES:
+                raise ExportError(f"the weight {name} has the dtype {dtype}, which qbuild cannot write to ONNX")
+            init = model.graph.initializer.add()
+            init.name, init.data_type = name, _ONNX_DTYPES[dtype]
+            init.dims.extend(tensor.shape)
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes < EXTERNAL_MIN_BYTES:
+                init.raw_data = _bytes(tensor.contiguous()).tobytes()
+            else:
+                offset = f.tell()
+                if nbytes >= _ALIGN_MIN_BYTES and offset % _ALIGN:
+                    f.write(bytes(_ALIGN - offset % _ALIGN))
+                    offset = f.tell()
+                for chunk in _row_chunks(tensor):
+                    f.write(memoryview(_bytes(chunk.contiguous())))
+                init.data_location = onnx.TensorProto.EXTERNAL
+                for key, val in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(nbytes))):
+                    init.external_data.add(key=key, value=val)
+            del tensor
+        size = f.tell()
+    keep = [i for i in model.graph.input if i.name not in params]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    params.clear()
+    if size == 0:
+        data.unlink()
+    onnx.save_model(model, str(path))
 
 
 # --- rewriting a large model.onnx without parsing its weights ------------------------------------------

@@ -30,6 +30,7 @@ from qbuild.tasks.export_common import (
     check_args,
     check_model,
     gather_external_data,
+    legacy_export,
     output_files,
     quiet,
     rewrite_small,
@@ -166,10 +167,8 @@ Names = tuple[list[str], list[str]]
 
 
 def _export_legacy(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
-    import torch
-
-    torch.onnx.export(wrapper, args, str(path), input_names=names[0], output_names=names[1],
-                      dynamic_axes=_axes(*names), opset_version=opset, do_constant_folding=True, dynamo=False)
+    legacy_export(wrapper, args, path, input_names=names[0], output_names=names[1],
+                  dynamic_axes=_axes(*names), opset_version=opset, do_constant_folding=True)
 
 
 def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
