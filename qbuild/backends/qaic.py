@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qbuild.backends import Backend, qaic_command, qaic_sdk
 from qbuild.backends.qaic_command import QaicOptions
-from qbuild.backends.qaic_sdk import Sdk, sdk_dir
+from qbuild.backends.qaic_sdk import Hardware, Sdk, sdk_dir
 from qbuild.errors import CompileError, PlanError, one_line
 from qbuild.manifest.schema import Manifest
 from qbuild.plan.params import unkeyed
@@ -29,12 +29,15 @@ if TYPE_CHECKING:
     from qbuild.store import StatCache
     from qbuild.tasks import Task
 
-__all__ = ["QaicBackend", "sdk_dir"]
+__all__ = ["QaicBackend", "QaicGraph", "export_graph", "sdk_dir", "targets_qaic"]
 PLACEHOLDERS = {"<onnx>": "the export stage's ONNX file", "<out>": "the compile artifact directory"}
 
 
 def onnx_io(path: Path) -> tuple[list[str], bool]:
-    """The graph's input and output names, and whether it holds ONNX functions (weights not loaded)."""
+    """The graph's input and output names, and whether it holds ONNX functions (weights not loaded).
+
+    The functions are recorded, not acted on: ``-sub-functions`` follows ``compile.qaic.use_onnx_subfunctions``
+    (QEfficient's default graph holds CtxScatter/CtxGather/CustomRMSNorm functions and gets no such flag)."""
     import onnx
 
     try:
@@ -60,16 +63,65 @@ class QaicParams:
     sdk: Sdk
     specializations: tuple[dict[str, Any], ...]
     node_precision_sha256: str | None  # the node-precision file's content (its path is not keyed)
-    hw_why: str = unkeyed("", why="how the hardware version was found; the version itself is keyed")
+    hardware: Hardware | None = unkeyed(None, why="how the hardware version was found (the cards qaic-util listed); "
+                                                  "the version itself is keyed")
     timeout_s: int = unkeyed(7200, why="a limit on the compiler's run time, not an input to it")
 
+    @property
+    def hw_why(self) -> str:
+        return self.hardware.why if self.hardware else ""
 
-def qaic_params(m: Manifest, task: Task, sdk: Sdk, hw_version: str, hw_why: str = "") -> QaicParams:
+
+def qaic_params(m: Manifest, task: Task, sdk: Sdk, hw_version: str, hardware: Hardware | None = None) -> QaicParams:
     """The compile params for ``m`` with the SDK facts given (pure: no discovery, no probe)."""
+    dtype = qaic_command.export_dtype(m.model.dtype, hw_version) if task_exports_qaic_graph(task) else None
     o = qaic_command.options(m, sdk=sdk, hw_version=hw_version, spec_format=qaic_sdk.specializations_format(m, sdk),
-                             retained_state=task.retained_state)
+                             retained_state=task.retained_state, graph_dtype=dtype)
     npi = qaic_command.node_precision_digest(o.node_precision_info) if o.node_precision_info else None
-    return QaicParams(o, sdk, tuple(task.specializations(m)), npi, hw_why, m.compile.qaic.timeout_s)
+    return QaicParams(o, sdk, tuple(task.specializations(m)), npi, hardware or Hardware(hw_version, ""),
+                      m.compile.qaic.timeout_s)
+
+
+# --- what the export of a qaic build looks like ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QaicGraph:
+    """The export of a build compiled by qaic, where it differs from the onnxruntime one (keyed by the export)."""
+
+    dtype: str | None  # the dtype exported in when not model.dtype: float32 for bfloat16 on ai100
+    sub_functions: bool  # compile.qaic.use_onnx_subfunctions: decoder layers as ONNX functions
+
+
+def task_exports_qaic_graph(task: Task) -> bool:
+    """Whether ``task`` exports the qaic graph form for a qaic build (CtxScatter/CtxGather, CustomRMSNorm,
+    bfloat16 as float32 on ai100): the retained-state KV causal LM does (``qaic_graph = True``)."""
+    return bool(getattr(task, "qaic_graph", False))
+
+
+def targets_qaic(m: Manifest) -> bool:
+    """Whether ``m`` compiles with qaic (``compile.backend: auto`` asks this machine, as the compile stage does)."""
+    if m.compile.backend == "qaic":
+        return True
+    if m.compile.backend != "auto":
+        return False
+    from qbuild.backends import resolve_backend
+
+    return resolve_backend(m)[0].name == "qaic"
+
+
+def export_graph(m: Manifest) -> QaicGraph | None:
+    """The qaic form of the export for ``m``, or None when the build does not compile with qaic.
+
+    The hardware is asked only for a bfloat16 model (the one case where it changes the graph)."""
+    if not targets_qaic(m):
+        return None
+    dtype = None
+    if m.model.dtype == "bfloat16":
+        hw = qaic_sdk.detect_hardware(m, qaic_sdk.discover(m)).version
+        dtype = qaic_command.export_dtype(m.model.dtype, hw)
+        dtype = None if dtype == m.model.dtype else dtype
+    return QaicGraph(dtype, m.compile.qaic.use_onnx_subfunctions)
 
 
 class QaicBackend(Backend):
@@ -91,8 +143,12 @@ class QaicBackend(Backend):
                             f"{qaic_sdk.looked_for(m)}",
                             hint="install the SDK or set compile.qaic.compiler / QAIC_SDK_DIR; "
                                  "to build for CPU use compile=onnxruntime")
-        hw, hw_why = qaic_sdk.hw_version(m, sdk)
-        return qaic_params(m, task, sdk, hw, hw_why)
+        if m.compile.qaic.use_onnx_subfunctions and not task_exports_qaic_graph(task):
+            raise PlanError(f"compile.qaic.use_onnx_subfunctions: not yet supported for the {task.name} task "
+                            "(its export has no decoder-layer functions)",
+                            hint="set compile.qaic.use_onnx_subfunctions=false")
+        hardware = qaic_sdk.detect_hardware(m, sdk)
+        return qaic_params(m, task, sdk, hardware.version, hardware)
 
     def fingerprint(self, p: QaicParams) -> dict[str, str]:
         return qaic_sdk.fingerprint(p.sdk)
@@ -109,10 +165,9 @@ class QaicBackend(Backend):
         o = p.options
         if onnx is None or not Path(onnx).is_file():
             return qaic_command.argv(o)
-        names, functions = onnx_io(Path(onnx))
+        names, _functions = onnx_io(Path(onnx))
         files = qaic_command.side_files(o, list(p.specializations), names)
-        return qaic_command.argv(o, onnx=str(onnx), sub_functions=functions,
-                                 custom_io=qaic_command.CUSTOM_IO_FILE in files)
+        return qaic_command.argv(o, onnx=str(onnx), custom_io=qaic_command.CUSTOM_IO_FILE in files)
 
     def describe(self, p: QaicParams, onnx: Path | None = None) -> list[str]:
         o = p.options
@@ -126,7 +181,8 @@ class QaicBackend(Backend):
                  f"  specializations.json ({o.spec_format}): {specs}"]
         if o.kv_precision:
             lines.append(f"  custom_io.yaml: retained-state KV at {o.kv_precision}")
-        lines.append("  -sub-functions is added when the exported ONNX holds functions")
+        lines.append(f"  the graph's dtype: {o.graph_dtype}" + (" (-convert-to-fp16)" if o.convert_to_fp16 else "")
+                     + ("; -sub-functions (compile.qaic.use_onnx_subfunctions)" if o.sub_functions else ""))
         return lines
 
     def compile(self, p: QaicParams, onnx: Path, export: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
@@ -135,8 +191,8 @@ class QaicBackend(Backend):
         names, functions = onnx_io(onnx)
         files = write_side_files(ctx.out, o, specs, names)
         has_io = qaic_command.CUSTOM_IO_FILE in files
-        template = qaic_command.argv(o, sub_functions=functions, custom_io=has_io)
-        cmd = qaic_command.argv(o, onnx=str(onnx), out=str(ctx.out), sub_functions=functions, custom_io=has_io)
+        template = qaic_command.argv(o, custom_io=has_io)
+        cmd = qaic_command.argv(o, onnx=str(onnx), out=str(ctx.out), custom_io=has_io)
         (ctx.out / "command.txt").write_text(
             f"# <onnx> = {onnx}\n# <out> = this directory\n{shlex.join(template)}\n", encoding="utf-8")
         ctx.progress(f"{sdk.kind}: compiling for {o.hw_version} ({len(specs)} specialisations)", None)
@@ -146,10 +202,12 @@ class QaicBackend(Backend):
             _keep_log(ctx, exc)
             raise
         _check_qpc(ctx.out, cmd)
+        hardware = _hardware_record(p, o)
         record = {"argv": template, "placeholders": {"<onnx>": str(onnx), "<out>": "."}, "ran": cmd,
-                  "seconds": round(seconds, 3), "sdk": _sdk_record(sdk), "sub_functions": functions}
+                  "seconds": round(seconds, 3), "sdk": _sdk_record(sdk), "hardware": hardware,
+                  "onnx_functions": functions, "sub_functions": o.sub_functions}
         (ctx.out / "command.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        return {"backend": "qaic", "sdk": _sdk_record(sdk), "aic_hw_version": o.hw_version,
+        return {"backend": "qaic", "sdk": _sdk_record(sdk), "aic_hw_version": o.hw_version, "hardware": hardware,
                 "specializations_format": o.spec_format, "command": template, "qpc": qaic_command.QPC_DIR,
                 "compile_seconds": round(seconds, 3), "files": sorted([*files, "command.txt", "command.json"])}
 
@@ -197,6 +255,14 @@ def _keep_log(ctx: StageContext, exc: CompileError) -> None:
     except OSError:
         return
     exc.hint = f"full compiler log: {dest}" + (f"; {exc.hint}" if exc.hint else "")
+
+
+def _hardware_record(p: QaicParams, o: QaicOptions) -> dict[str, Any]:
+    """What ``-aic-hw-version`` was built for and how it was found (the cards qaic-util listed, the targets)."""
+    h = p.hardware
+    return {"aic_hw_version": o.hw_version, "why": h.why if h else "",
+            "devices": {str(qid): variant for qid, variant in h.devices} if h else {},
+            "targets": list(h.targets) if h else []}
 
 
 def _sdk_record(sdk: Sdk) -> dict[str, Any]:

@@ -2,11 +2,18 @@
 
 Facts: ../shared/reference/qefficient.md section 2. The order follows QEfficient's ``_compile``: the base
 (``-aic-hw``, ``-aic-hw-version``, ``-m``), the compile options (``-retained-state``, ``-convert-to-fp16``,
-``-mxfp6-matmul``, ``-aic-num-cores``), the user options (``-mos``, ``-aic-enable-depth-first``, ``-ols``,
-``-node-precision-info``, then ``compile.qaic.extra_flags`` sorted by name), ``-sub-functions``, and last
-the side files (``-mdp-load-partition-config``, ``-network-specialization-config``,
-``-custom-IO-list-file``) and ``-aic-binary-dir``. Paths are built from two placeholders, ``onnx`` and
-``out``, so the same function gives the command that runs and the path-free one for keys and plans.
+``-mxfp6-matmul``, ``-aic-num-cores``), the user options in the order QEfficient's ``infer`` passes them
+(``-aic-enable-depth-first``, ``-mos``, then ``-ols``, ``-node-precision-info`` and
+``compile.qaic.extra_flags`` sorted by name), ``-sub-functions`` (only with
+``compile.qaic.use_onnx_subfunctions``, as QEfficient), and last the side files
+(``-mdp-load-partition-config``, ``-network-specialization-config``, ``-custom-IO-list-file``) and
+``-aic-binary-dir``. Paths are built from two placeholders, ``onnx`` and ``out``, so the same function
+gives the command that runs and the path-free one for keys and plans.
+
+The JSON side files are written as QEfficient's ``create_json`` writes them (``indent=4``, separators
+``(",", ":")``, sorted keys, no trailing newline), so a qbuild artifact diffs cleanly against a QEfficient
+one. A bfloat16 model compiled for ai100 (which has no bfloat16) is exported in float32 and compiled with
+``-convert-to-fp16`` and a float16 KV cache, as QEfficient loads it (``_resolve_torch_dtype``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ CUSTOM_IO_FILE = "custom_io.yaml"
 NODE_PRECISION_FILE = "node_precision_info.yaml"
 QPC_DIR = "qpc"
 QPC_BINARY = "programqpc.bin"
-#: the model dtype -> the precision of the retained-state KV cache in custom_io.yaml (CUSTOM_IO_DTYPE_MAP)
+#: the graph's dtype -> the precision of the retained-state KV cache in custom_io.yaml (CUSTOM_IO_DTYPE_MAP)
 KV_PRECISION = {"float32": "float16", "float16": "float16", "bfloat16": "bfloat16"}
 #: flags the backend sets itself -> the manifest key that controls each (never through extra_flags)
 MANAGED_FLAGS = {
@@ -37,7 +44,7 @@ MANAGED_FLAGS = {
     "mxfp6-matmul": "compile.qaic.mxfp6_matmul", "aic-num-cores": "compile.qaic.num_cores",
     "mos": "compile.qaic.mos",
     "aic-enable-depth-first": "compile.qaic.aic_enable_depth_first", "ols": "compile.qaic.ols",
-    "node-precision-info": "compile.qaic.node_precision_info", "sub-functions": "the export (ONNX functions)",
+    "node-precision-info": "compile.qaic.node_precision_info", "sub-functions": "compile.qaic.use_onnx_subfunctions",
     "network-specialization-config": "seq.lengths / seq.ctx_len / seq.batch_size",
     "custom-IO-list-file": "compile.qaic.mxint8_kv_cache / model.dtype",
     "mdp-load-partition-config": "compile.qaic.num_devices", "aic-binary-dir": "the cache",
@@ -66,6 +73,8 @@ class QaicOptions:
     extra_flags: tuple[tuple[str, Any], ...]  # sorted by flag name
     spec_format: str  # "named" | "flat"
     kv_precision: str | None  # custom_io.yaml precision; None: no custom_io.yaml
+    sub_functions: bool = False  # -sub-functions: compile.qaic.use_onnx_subfunctions
+    graph_dtype: str = "float32"  # the exported graph's float dtype (bfloat16 on ai100: float32)
 
 
 def extra_flags(m: Manifest) -> tuple[tuple[str, Any], ...]:
@@ -85,9 +94,19 @@ def extra_flags(m: Manifest) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(out))
 
 
-def options(m: Manifest, *, sdk: Sdk, hw_version: str, spec_format: str, retained_state: bool) -> QaicOptions:
-    """Resolve the manifest into :class:`QaicOptions` (pure; the SDK facts are passed in)."""
-    q, dtype = m.compile.qaic, m.model.dtype
+def export_dtype(model_dtype: str, hw_version: str) -> str:
+    """The dtype a model is exported in for ``hw_version``: ai100 has no bfloat16, so QEfficient loads a
+    bfloat16 model as float32 there (and compiles it with -convert-to-fp16); otherwise as requested."""
+    return "float32" if model_dtype == "bfloat16" and hw_version == "ai100" else model_dtype
+
+
+def options(m: Manifest, *, sdk: Sdk, hw_version: str, spec_format: str, retained_state: bool,
+            graph_dtype: str | None = None) -> QaicOptions:
+    """Resolve the manifest into :class:`QaicOptions` (pure; the SDK facts are passed in).
+
+    ``graph_dtype``: the exported graph's dtype (default ``model.dtype``; see :func:`export_dtype`)."""
+    q = m.compile.qaic
+    dtype = graph_dtype or m.model.dtype
     kv = None
     if retained_state:
         kv = "mxint8" if q.mxint8_kv_cache else KV_PRECISION[dtype]
@@ -98,7 +117,7 @@ def options(m: Manifest, *, sdk: Sdk, hw_version: str, spec_format: str, retaine
         convert_to_fp16=q.convert_to_fp16 and KV_PRECISION[dtype] == "float16", mxfp6_matmul=q.mxfp6_matmul,
         num_cores=q.num_cores, num_devices=q.num_devices, mos=q.mos, depth_first=q.aic_enable_depth_first,
         ols=q.ols, node_precision_info=q.node_precision_info, extra_flags=extra_flags(m),
-        spec_format=spec_format, kv_precision=kv)
+        spec_format=spec_format, kv_precision=kv, sub_functions=q.use_onnx_subfunctions, graph_dtype=dtype)
 
 
 def _flag(name: str, value: Any) -> list[str]:
@@ -107,19 +126,18 @@ def _flag(name: str, value: Any) -> list[str]:
     return [f"-{name}"] if value is True else [f"-{name}={value}"]
 
 
-def argv(o: QaicOptions, *, onnx: str = "<onnx>", out: str = "<out>", sub_functions: bool = False,
-         custom_io: bool | None = None) -> list[str]:
+def argv(o: QaicOptions, *, onnx: str = "<onnx>", out: str = "<out>", custom_io: bool | None = None) -> list[str]:
     """The compiler command. ``custom_io``: whether custom_io.yaml is passed (default: when KV is retained)."""
     cmd = [o.compiler, "-aic-hw", *(["-compile-only"] if o.kind == "qaic-exec" else []),
            f"-aic-hw-version={o.hw_version}", f"-m={onnx}"]
     cmd += _flag("retained-state", o.retained_state) + _flag("convert-to-fp16", o.convert_to_fp16)
     cmd += _flag("mxfp6-matmul", o.mxfp6_matmul) + [f"-aic-num-cores={o.num_cores}"]
-    cmd += _flag("mos", o.mos) + _flag("aic-enable-depth-first", o.depth_first) + _flag("ols", o.ols)
+    cmd += _flag("aic-enable-depth-first", o.depth_first) + _flag("mos", o.mos) + _flag("ols", o.ols)
     if o.node_precision_info:
         cmd.append(f"-node-precision-info={out}/{NODE_PRECISION_FILE}")
     for name, value in o.extra_flags:
         cmd += _flag(name, value)
-    cmd += _flag("sub-functions", sub_functions)
+    cmd += _flag("sub-functions", o.sub_functions)
     if o.num_devices > 1:
         cmd.append(f"-mdp-load-partition-config={out}/{mdp_file(o.num_devices)}")
     cmd.append(f"-network-specialization-config={out}/{SPECIALIZATIONS_FILE}")
@@ -132,7 +150,8 @@ def argv(o: QaicOptions, *, onnx: str = "<onnx>", out: str = "<out>", sub_functi
 
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=4) + "\n"
+    """As QEfficient's ``create_json``: indent 4, ``(",", ":")`` separators, sorted keys, no final newline."""
+    return json.dumps(obj, indent=4, separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=False)
 
 
 def specializations_json(specs: list[dict[str, Any]], fmt: str) -> str:

@@ -3,16 +3,20 @@
 Facts (../shared/reference/qefficient.md section 2): the compiler is ``<sdk>/exec/qaic-compile`` on current
 SDKs and ``<sdk>/exec/qaic-exec`` on older ones; the SDK versions are the ``base_version`` elements of
 ``<sdk>/versions/apps.xml`` and ``platform.xml``; the hardware version is detected by running
-``<sdk>/tools/qaic-util -q`` and looking for ``AIC200`` on its ``FW IMAGE_VARIANT`` lines. Nothing here
-imports a heavy library; the one subprocess (qaic-util) runs once per process.
+``<sdk>/tools/qaic-util -q`` and looking for ``AIC200`` on its ``FW IMAGE_VARIANT`` lines: QEfficient
+upper-cases the variant and reads the first card; qbuild reads the cards the build targets
+(``compile.qaic.device_group``, else the first listed), from the output whatever the exit status. Nothing
+here imports a heavy library; the one subprocess (qaic-util) runs once per process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -165,30 +169,108 @@ def fingerprint(sdk: Sdk) -> dict[str, str]:
     return fp
 
 
-def parse_hw_version(qaic_util_output: str) -> str:
-    """``ai200`` when a ``FW IMAGE_VARIANT`` line names AIC200, else ``ai100`` (QEfficient's rule)."""
+#: a ``qaic-util -q`` card header (``QID 0``) and its firmware image variant (``FW IMAGE_VARIANT:AIC100_ES``)
+_QID = re.compile(r"^\s*QID\s+(\d+)", re.IGNORECASE)
+_VARIANT = re.compile(r"^\s*FW\s+IMAGE_VARIANT\s*:\s*(\S+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What ``-aic-hw-version`` is and how it was found: the cards qaic-util listed and the ones targeted."""
+
+    version: str  # "ai100" | "ai200"
+    why: str
+    devices: tuple[tuple[int, str | None], ...] = ()  # (QID, FW IMAGE_VARIANT upper-cased) as listed
+    targets: tuple[int, ...] = ()  # the QIDs the build targets (compile.qaic.device_group, else the first)
+
+
+def parse_devices(qaic_util_output: str) -> dict[int, str | None]:
+    """QID -> its ``FW IMAGE_VARIANT`` (upper-cased; None when the card shows none), in the order listed.
+
+    Case-insensitive, as QEfficient upper-cases the variant; a variant line before any ``QID`` header
+    belongs to card 0."""
+    devices: dict[int, str | None] = {}
+    current: int | None = None
     for line in qaic_util_output.splitlines():
-        if "FW IMAGE_VARIANT" in line and "AIC200" in line:
-            return "ai200"
-    return "ai100"
+        qid = _QID.match(line)
+        if qid:
+            current = int(qid.group(1))
+            devices.setdefault(current, None)
+            continue
+        variant = _VARIANT.match(line)
+        if variant:
+            card = 0 if current is None else current
+            if devices.get(card) is None:
+                devices[card] = variant.group(1).upper()
+    return devices
+
+
+def hw_of(variant: str | None) -> str:
+    """``ai200`` for an AIC200 image variant, else ``ai100`` (QEfficient's rule)."""
+    return "ai200" if variant and "AIC200" in variant.upper() else "ai100"
+
+
+def parse_hw_version(qaic_util_output: str, device_group: Sequence[int] = ()) -> str:
+    """The hardware version of the targeted cards (``device_group``, else the first listed); ``ai100``
+    when the output lists none."""
+    return select_hardware(parse_devices(qaic_util_output), device_group, "qaic-util -q").version
+
+
+def select_hardware(devices: dict[int, str | None], device_group: Sequence[int], tool: str) -> Hardware:
+    """The targeted cards' hardware version; a targeted card not listed, or mixed AIC100/AIC200 targets,
+    is a PlanError (the compiler builds for one version)."""
+    listed = tuple(devices.items())
+    if not devices:
+        return Hardware(DEFAULT_HW_VERSION, f"{tool} listed no card; default {DEFAULT_HW_VERSION}", listed)
+    targets = tuple(device_group) or (next(iter(devices)),)
+    missing = [d for d in targets if d not in devices]
+    if missing:
+        from qbuild.errors import PlanError
+
+        raise PlanError(f"compile.qaic.device_group: card(s) {missing} not listed by {tool} "
+                        f"(cards: {', '.join(map(str, devices))})",
+                        hint="list QIDs that qaic-util -q shows, or set compile.qaic.aic_hw_version")
+    versions = {d: hw_of(devices[d]) for d in targets}
+    if len(set(versions.values())) > 1:
+        from qbuild.errors import PlanError
+
+        shown = ", ".join(f"{d}: {devices[d]}" for d in targets)
+        raise PlanError(f"compile.qaic.device_group: the targeted cards differ in hardware ({shown}); one QPC "
+                        "is built for one hardware version",
+                        hint="target cards of one kind, or set compile.qaic.aic_hw_version")
+    shown = ", ".join(f"QID {d} {devices[d] or 'no FW IMAGE_VARIANT'}" for d in targets)
+    return Hardware(versions[targets[0]], f"detected by {tool}: {shown}", listed, targets)
 
 
 @cache
-def _detect_hw(qaic_util: str) -> tuple[str, str]:
+def _qaic_util(qaic_util: str) -> tuple[dict[int, str | None] | None, str]:
+    """The cards ``qaic_util -q`` lists (from its output whatever its exit status), or None and why not."""
     if not _executable(Path(qaic_util)):
-        return DEFAULT_HW_VERSION, f"{qaic_util} not found; default {DEFAULT_HW_VERSION}"
+        return None, f"{qaic_util} not found"
     try:
         proc = subprocess.run([qaic_util, "-q"], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return DEFAULT_HW_VERSION, f"{qaic_util} -q failed ({exc}); default {DEFAULT_HW_VERSION}"
-    if proc.returncode != 0 or "FW IMAGE_VARIANT" not in proc.stdout:
-        return DEFAULT_HW_VERSION, f"{qaic_util} -q found no card; default {DEFAULT_HW_VERSION}"
-    return parse_hw_version(proc.stdout), f"detected by {qaic_util} -q"
+        return None, f"{qaic_util} -q failed ({exc})"
+    devices = parse_devices(proc.stdout + "\n" + proc.stderr)
+    if not devices:
+        return None, f"{qaic_util} -q listed no card (exit {proc.returncode})"
+    return devices, ""
+
+
+def detect_hardware(m: Manifest, sdk: Sdk | None) -> Hardware:
+    """``compile.qaic.aic_hw_version``, else detected from the targeted cards, else the default."""
+    q = m.compile.qaic
+    if q.aic_hw_version:
+        return Hardware(q.aic_hw_version, "compile.qaic.aic_hw_version")
+    root = Path(sdk.root) if sdk and sdk.root else sdk_dir(m)
+    tool = str(root / "tools" / "qaic-util")
+    devices, why = _qaic_util(tool)
+    if devices is None:
+        return Hardware(DEFAULT_HW_VERSION, f"{why}; default {DEFAULT_HW_VERSION}")
+    return select_hardware(devices, list(q.device_group), f"{tool} -q")
 
 
 def hw_version(m: Manifest, sdk: Sdk | None) -> tuple[str, str]:
     """(``ai100`` | ``ai200``, why): ``compile.qaic.aic_hw_version``, else detected, else the default."""
-    if m.compile.qaic.aic_hw_version:
-        return m.compile.qaic.aic_hw_version, "compile.qaic.aic_hw_version"
-    root = Path(sdk.root) if sdk and sdk.root else sdk_dir(m)
-    return _detect_hw(str(root / "tools" / "qaic-util"))
+    h = detect_hardware(m, sdk)
+    return h.version, h.why

@@ -98,6 +98,12 @@ class QaicSpec:
     mxfp6_matmul: bool = _f(False)
     mxint8_kv_cache: bool = _f(False)
     num_devices: int = _f(1, min=1)
+    use_onnx_subfunctions: bool = _f(False, help="export decoder layers as ONNX functions and pass -sub-functions "
+                                                 "(QEfficient's use_onnx_subfunctions)")
+    # content=True: it locates cards; their detected hardware version, not the ids, is keyed
+    device_group: list[int] = _f(factory=list, min=0, content=True,
+                                 help="the card ids (QIDs) the build targets: their hardware version is detected; "
+                                      "default: the first card qaic-util -q lists")
 
 
 @dataclass(frozen=True)

@@ -251,6 +251,7 @@ def check_manifest(m: Manifest) -> None:
     _check_verify(m)
     _check_cache(m)
     _check_name(m)
+    _check_qaic(m)
 
 
 MAX_NAME = 200
@@ -275,6 +276,20 @@ def _check_cache(m: Manifest) -> None:
         problem = url_problem(m.cache.remote)
         if problem:
             raise ManifestError(f"cache.remote: {problem}", key="cache.remote")
+
+
+def _check_qaic(m: Manifest) -> None:
+    """``compile.qaic.device_group`` names distinct cards, one per ``compile.qaic.num_devices``."""
+    q = m.compile.qaic
+    if not q.device_group:
+        return
+    if len(set(q.device_group)) != len(q.device_group):
+        raise ManifestError(f"compile.qaic.device_group: {q.device_group} names a card twice; list each QID once",
+                            key="compile.qaic.device_group")
+    if len(q.device_group) != q.num_devices:
+        raise ManifestError(f"compile.qaic.device_group: {len(q.device_group)} cards {q.device_group} but "
+                            f"compile.qaic.num_devices={q.num_devices}; set compile.qaic.num_devices="
+                            f"{len(q.device_group)}", key="compile.qaic.device_group")
 
 
 def _check_model(m: Manifest) -> None:

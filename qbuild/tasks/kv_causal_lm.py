@@ -10,6 +10,12 @@ shape only the specialisations (compile). Custom ops (``custom_rmsnorm``) are ON
 to the model, so ONNX Runtime runs the same graph. Verify: the artifact's greedy tokens must equal
 HF ``generate(do_sample=False)`` on the untransformed model.
 
+A build compiled by qaic exports QEfficient's graph form (``graph: qaic``, keyed by the export): the
+cache is written and read through ``com.qualcomm.cloud::CtxScatter`` / ``CtxGather`` and every RMSNorm
+is ``com.qti.aisw.onnx::CustomRMSNorm``, all ONNX functions with standard-op bodies (qbuild.transforms.
+custom_ops), and a bfloat16 model is exported in float32 on ai100. The onnxruntime build keeps the plain
+form (``ScatterElements``, the model's own norms), which ONNX Runtime runs fastest.
+
 Beside the graph, export saves ``tokenizer/``: the ``tokenizers`` pipeline transformers builds for the model's
 tokenizer, with the EOS ids of its generation config, so that ``qbuild run`` tokenises exactly as transformers
 does without importing it (qbuild.runtime.tokenizer).
@@ -17,6 +23,8 @@ does without importing it (qbuild.runtime.tokenizer).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +62,9 @@ def _names(prefix: str, n: int) -> list[str]:
 @dataclass(frozen=True)
 class KVExport:
     tokenizer: TokenizerRef  # saved beside the graph for the runtime
+    graph: str = "plain"  # "qaic": CtxScatter/CtxGather and CustomRMSNorm (a build compiled by qaic)
+    dtype: str | None = None  # the dtype exported in when not model.dtype (bfloat16 on ai100: float32)
+    sub_functions: bool = False  # compile.qaic.use_onnx_subfunctions: decoder layers as ONNX functions
 
 
 @dataclass(frozen=True)
@@ -68,23 +79,41 @@ class KVCausalLMTask(Task):
     name = "causal_lm_kv"
     code = ("tasks/__init__.py", "tasks/kv_causal_lm.py", "tasks/export_common.py")
     retained_state = True
+    #: a qaic build of this task exports the qaic graph form (qbuild.backends.qaic.export_graph)
+    qaic_graph = True
 
     def export_options(self, m: Manifest) -> KVExport:
+        from qbuild.backends.qaic import export_graph
         from qbuild.stages.load import resolve_model
 
-        return KVExport(resolve_model(m)[1])
+        tokenizer = resolve_model(m)[1]
+        qaic = export_graph(m)
+        if qaic is None:
+            return KVExport(tokenizer)
+        return KVExport(tokenizer, "qaic", qaic.dtype, qaic.sub_functions)
 
     def export(self, model: Any, out: Path, p: ExportParams, ctx: StageContext) -> dict[str, Any]:
-        info = export_kv_causal_lm(model, out, exporter=p.exporter, opset=p.opset)
+        o = p.options if isinstance(p.options, KVExport) else None
+        if o is not None and o.sub_functions:
+            raise ExportError("compile.qaic.use_onnx_subfunctions: exporting the decoder layers as ONNX functions "
+                              "is not yet implemented in qbuild",
+                              hint="set compile.qaic.use_onnx_subfunctions=false (QEfficient's default)")
+        info = export_kv_causal_lm(model, out, exporter=p.exporter, opset=p.opset,
+                                   graph=o.graph if o else "plain", dtype=o.dtype if o else None)
         return {**info, "runtime_tokenizer": save_tokenizer(model, out, p, ctx)}
 
     def specializations(self, m: Manifest) -> list[dict[str, Any]]:
-        """One Prefill per bucket, then Decode (seq_len 1), as QEfficient compiles them."""
+        """One Prefill per bucket, then Decode (seq_len 1), as QEfficient compiles them. ``seq.lengths=[1]``
+        alone is one specialisation named Prefill: QEfficient omits the Decode of a ``prefill_seq_len`` of 1
+        (a duplicate) and names the one left by its prefill builder."""
         b, ctx = m.seq.batch_size, m.seq.ctx_len
         prefill = [n for n in m.seq.lengths if n > 1]
+        decode = {"batch_size": b, "seq_len": 1, "ctx_len": ctx}
+        if not prefill:
+            return [{"name": "Prefill", "symbols": decode}]
         specs = [{"name": name, "symbols": {"batch_size": b, "seq_len": n, "ctx_len": ctx}}
                  for name, n in zip(_names("Prefill", len(prefill)), prefill, strict=True)]
-        return [*specs, {"name": "Decode", "symbols": {"batch_size": b, "seq_len": 1, "ctx_len": ctx}}]
+        return [*specs, {"name": "Decode", "symbols": decode}]
 
     def verify_options(self, m: Manifest) -> KVVerify:
         v = m.verify
@@ -212,8 +241,41 @@ def _describe(model: Any, exporter: str, opset: int, files: list[str]) -> dict[s
             "exporter": exporter, "opset": opset}
 
 
-def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int) -> dict[str, Any]:
-    """Export a ``kv_cache``-transformed ``model`` to ``out_dir/model.onnx`` (+ external data); checked."""
+@contextlib.contextmanager
+def graph_form(model: Any, graph: str, dtype: str | None) -> Iterator[dict[str, Any]]:
+    """The model as the ``graph`` form exports it, for the time of the block; yields what was changed.
+
+    ``qaic``: CtxScatter/CtxGather cache ops and CustomRMSNorm norms; ``dtype``: parameters and buffers
+    cast to it. Everything is put back afterwards (the model may be shared with other builds of this
+    process; a bfloat16 -> float32 -> bfloat16 round trip is exact)."""
+    import torch
+
+    from qbuild.transforms.custom_ops import swapped_rmsnorm
+    from qbuild.transforms.kv_cache import kv_ops
+
+    if graph not in ("plain", "qaic"):
+        raise ExportError(f"unknown KV graph form {graph!r}; expected plain or qaic")
+    report: dict[str, Any] = {"graph": graph}
+    with contextlib.ExitStack() as stack:
+        if dtype is not None:
+            tensors = [*model.parameters(), *model.buffers()]
+            kept = [(t, t.data) for t in tensors if t.is_floating_point() and t.dtype != getattr(torch, dtype)]
+            for t, data in kept:
+                t.data = data.to(getattr(torch, dtype))
+            stack.callback(lambda: [setattr(t, "data", data) for t, data in kept])
+            report["dtype"] = dtype
+        if graph == "qaic":
+            report["custom_rmsnorm"] = stack.enter_context(swapped_rmsnorm(model))["swapped"]
+            stack.enter_context(kv_ops(model, "qaic"))
+        yield report
+
+
+def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int, graph: str = "plain",
+                        dtype: str | None = None) -> dict[str, Any]:
+    """Export a ``kv_cache``-transformed ``model`` to ``out_dir/model.onnx`` (+ external data); checked.
+
+    ``graph``: ``plain`` or ``qaic`` (QEfficient's CtxScatter/CtxGather/CustomRMSNorm form, see
+    :func:`graph_form`); ``dtype``: export in this dtype instead of the model's."""
     from qbuild.transforms.kv_cache import KVCausalLM
 
     if not isinstance(model, KVCausalLM):
@@ -226,7 +288,7 @@ def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int)
     names = io_names(model.kv_num_layers())
     before = output_files(out_dir)
     try:
-        with quiet():
+        with quiet(), graph_form(model, graph, dtype) as form:
             wrapper, args = _wrapper(model, model.kv_num_layers()), example_inputs(model)
             if exporter == "dynamo":
                 _export_dynamo(wrapper, args, path, opset, names)
@@ -239,7 +301,8 @@ def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int)
         raise
     except Exception as exc:
         raise ExportError(f"{exporter} export to {path} failed: {one_line(exc)}") from exc
-    return _describe(model, exporter, opset, sorted(output_files(out_dir) - (before - {MODEL_FILE, DATA_FILE})))
+    return {**_describe(model, exporter, opset, sorted(output_files(out_dir) - (before - {MODEL_FILE, DATA_FILE}))),
+            "graph_form": form}
 
 
 def save_tokenizer(model: Any, out: Path, p: ExportParams, ctx: StageContext) -> str:

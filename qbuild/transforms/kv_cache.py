@@ -11,7 +11,8 @@ full-length cache and restrict attention with their masks). The caches may also 
 arguments ``past_key_{i}`` / ``past_value_{i}``.
 
 * Position ids carry everything: a padding token has position -1. The new keys/values are scattered
-  into the cache at their position ids (ScatterElements on axis 2). A padding token rewrites the slot
+  into the cache at their position ids (ScatterElements on axis 2; QEfficient's ``CtxScatter`` /
+  ``CtxGather`` functions with ``kv_ops = "qaic"``, see :meth:`KVCausalLM.kv_update`). A padding token rewrites the slot
   of its row's last valid token with that token's own key/value (so duplicate indices carry identical
   values and the scatter is order-independent); a row that is all padding writes into slot
   ``ctx_len - 1``, which no query can see before a real token at that position overwrites it.
@@ -25,7 +26,9 @@ Family rewrites live in ``qbuild.transforms.models.<family>`` (looked up by ``co
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,17 +49,65 @@ _SWAPPED: dict[tuple[type, type], type] = {}
 
 
 # ---------------------------------------------------------------------------------------------- ops
-def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """Write ``updates [B,H,S,D]`` into ``cache [B,H,C,D]`` at slots ``position_ids [B,S]`` (see module doc)."""
-    b, h, s, d = updates.shape
+def scatter_slots(ctx_len: Any, position_ids: torch.Tensor,
+                  updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache slots ``[B,S]`` and values ``[B,H,S,D]`` to write: padding rewrites the row's last valid
+    token's slot with that token's values; an all-padding row writes slot ``ctx_len - 1`` (module doc)."""
+    b, h, _s, d = updates.shape
     last = position_ids.argmax(dim=1, keepdim=True)  # [B,1] index of the row's last valid token
     top = position_ids.gather(1, last)  # [B,1] its position; -1 for an all-padding row
     pad = position_ids < 0  # [B,S]
     slot = torch.where(pad, top, position_ids)  # [B,S]
-    slot = torch.where(slot < 0, torch.full_like(slot, cache.shape[2] - 1), slot)
+    slot = torch.where(slot < 0, torch.full_like(slot, ctx_len - 1), slot)
     last_update = updates.gather(2, last[:, None, :, None].expand(b, h, 1, d))  # [B,H,1,D]
-    updates = torch.where(pad[:, None, :, None], last_update, updates)  # [B,H,S,D]
+    return slot, torch.where(pad[:, None, :, None], last_update, updates)  # [B,S], [B,H,S,D]
+
+
+def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    """Write ``updates [B,H,S,D]`` into ``cache [B,H,C,D]`` at slots ``position_ids [B,S]`` (see module doc)."""
+    b, h, s, d = updates.shape
+    slot, updates = scatter_slots(cache.shape[2], position_ids, updates)
     return cache.scatter(2, slot[:, None, :, None].expand(b, h, s, d), updates)
+
+
+def qaic_update(cache_k: torch.Tensor, cache_v: torch.Tensor, position_ids: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """QEfficient's cache update (``QEffDynamicLayer.update``, reference 3.3): ``CtxScatter`` the new keys and
+    values, then ``CtxGather`` every slot with slots past the row's largest position id given the invalid
+    index INT32_MAX, and the values read there zeroed. Returns (new caches k, v, what attention reads k, v)."""
+    from qbuild.transforms.custom_ops import INVALID_INDEX, ctx_gather
+    from qbuild.transforms.custom_ops import ctx_scatter as scatter_op
+
+    slot, k = scatter_slots(cache_k.shape[2], position_ids, k)
+    _, v = scatter_slots(cache_v.shape[2], position_ids, v)
+    cache_k, cache_v = scatter_op(cache_k, slot, k), scatter_op(cache_v, slot, v)  # [B,H,C,D]
+    ctx_indices = torch.arange(cache_k.shape[2], dtype=torch.int64)[None, None, :]  # [1,1,C]
+    limit = position_ids.max(dim=1, keepdim=True).values[:, :, None]  # [B,1,1]
+    invalid = ctx_indices > limit  # [B,1,C]
+    ctx_indices = torch.where(invalid, torch.full_like(ctx_indices, INVALID_INDEX), ctx_indices)  # [B,1,C]
+    k_read, v_read = ctx_gather(cache_k, ctx_indices), ctx_gather(cache_v, ctx_indices)  # [B,H,C,D]
+    v_read = torch.where(invalid[..., None], torch.zeros((), dtype=v_read.dtype), v_read)
+    return cache_k, cache_v, k_read, v_read
+
+
+@contextlib.contextmanager
+def kv_ops(model: Any, ops: str) -> Iterator[None]:
+    """Set a rewritten model's cache ops (``plain`` or ``qaic``) for the time of the block."""
+    if ops not in ("plain", "qaic"):
+        raise ValueError(f"unknown kv_ops {ops!r}; expected plain or qaic")
+    if ops == "qaic":
+        from qbuild.transforms.custom_ops import register_ctx_ops
+
+        register_ctx_ops()  # before an exporter builds its table of custom ops
+    before = model.__dict__.get("kv_ops")
+    model.kv_ops = ops
+    try:
+        yield
+    finally:
+        if before is None:
+            del model.kv_ops
+        else:
+            model.kv_ops = before
 
 
 def causal_mask(
@@ -117,6 +168,9 @@ class KVCausalLM:
     """Mixin put in front of the Hugging Face class; families override the ``kv_*`` hooks."""
 
     kv_family = "base"
+    #: how the cache is written and read: ``plain`` (ScatterElements, the cache itself) or ``qaic``
+    #: (QEfficient's CtxScatter / CtxGather functions); set per export with :func:`kv_ops`
+    kv_ops = "plain"
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor,
                 **named: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -167,6 +221,15 @@ class KVCausalLM:
 
     def kv_final_norm(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def kv_update(self, ctx: dict[str, Any], past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write ``k, v [B,Hkv,S,D]`` into the caches ``[B,Hkv,C,D]``: (new caches, what attention reads)."""
+        if self.kv_ops == "qaic":
+            return qaic_update(past_k, past_v, ctx["position_ids"], k, v)  # type: ignore[return-value]
+        past_k = ctx_scatter(past_k, ctx["position_ids"], k)
+        past_v = ctx_scatter(past_v, ctx["position_ids"], v)
+        return past_k, past_v, past_k, past_v
 
     def kv_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)  # type: ignore[attr-defined]

@@ -209,6 +209,12 @@ def test_content_leaves_key_on_content_not_location(world: dict[str, Any], base_
         assert {s for s in readers if changed[0][s] != at_original[0][s]} == readers
 
 
+#: compile settings the export does read: a build compiled by qaic exports QEfficient's graph form (issue 17:
+#: CtxScatter/CtxGather, CustomRMSNorm, bfloat16 as float32 on ai100, decoder layers as functions)
+EXPORT_READS = {"compile.backend", "compile.qaic.use_onnx_subfunctions", "compile.qaic.aic_hw_version",
+                "compile.qaic.device_group", "compile.qaic.compiler", "compile.qaic.sdk_dir"}
+
+
 @pytest.mark.parametrize("base_name", ["causal_lm", "kv", "kv-qaic", "embedding", "checkpoint"])
 def test_buckets_compile_and_verify_settings_never_reach_load_or_export(world: dict[str, Any], base_name: str,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,7 +222,9 @@ def test_buckets_compile_and_verify_settings_never_reach_load_or_export(world: d
     monkeypatch.setenv("QAIC_SDK_DIR", str(world["files"]["compile.qaic.sdk_dir"]))
     _keys, deps = keys_and_deps(world["bases"][base_name], world["store"])  # type: ignore[misc]
     for stage in ("load", "export"):
-        assert not {k for k in deps[stage] if k.startswith(("seq.", "compile.", "verify."))}, (stage, deps[stage])
+        allowed = EXPORT_READS if stage == "export" else set()
+        assert not {k for k in deps[stage] if k.startswith(("seq.", "compile.", "verify.")) and k not in allowed}, (
+            stage, deps[stage])
 
 
 def test_the_schema_walk_sees_every_group() -> None:

@@ -42,11 +42,10 @@ def manifest(data: dict[str, Any]) -> Any:
 @dataclass
 class Case:
     manifest: dict[str, Any]
-    specs: list[dict[str, Any]] = field(default_factory=lambda: PREFILL_DECODE)
+    specs: list[dict[str, Any]] | None = field(default_factory=lambda: PREFILL_DECODE)  # None: the KV task's
     io: list[str] = field(default_factory=lambda: KV_IO)
     sdk: Sdk = SDK
     retained_state: bool = True
-    sub_functions: bool = False
 
 
 CASES = {
@@ -66,24 +65,35 @@ CASES = {
                                                "qaic": {"num_cores": 16, "mos": 1, "aic_enable_depth_first": True}}}),
     "ai200_bf16": Case({**KV, "model": {"dtype": "bfloat16"},
                         "compile": {"backend": "qaic", "qaic": {"num_cores": 16, "aic_hw_version": "ai200"}}}),
+    # QEfficient loads a bfloat16 model as float32 on ai100 (no bf16 there): -convert-to-fp16, float16 KV
+    "ai100_bf16": Case({**KV, "model": {"dtype": "bfloat16"},
+                        "compile": {"backend": "qaic", "qaic": {"num_cores": 16, "aic_hw_version": "ai100"}}}),
+    # seq.lengths=[1]: one specialisation, named Prefill (QEfficient omits the duplicate Decode)
+    "prefill_len_1": Case({**KV, "seq": {"lengths": [1], "ctx_len": 128},
+                           "compile": {"backend": "qaic", "qaic": {"num_cores": 16}}}, specs=None),
     "old_sdk_flat": Case({**KV, "compile": {"backend": "qaic", "qaic": {"num_cores": 16}}}, sdk=OLD_SDK),
     "subfunctions_extra_flags": Case(
         {**KV, "compile": {"backend": "qaic",
                            "qaic": {"num_cores": 16, "ols": 2, "node_precision_info": "fp32_nodes.yaml",
+                                    "use_onnx_subfunctions": True,
                                     "extra_flags": {"stats-batchsize": 4, "-aic-perf-metrics": True,
                                                     "aic-pmu-recipe": False}}}},
-        io=KV_IO_FUNCTIONS, sub_functions=True),
+        io=KV_IO_FUNCTIONS),
 }
 
 
 def render(case: Case) -> dict[str, str]:
     """What the backend would write for ``case``: the side files and the command (one argument a line)."""
+    from qbuild.tasks import get_task
+
     m = manifest(case.manifest)
-    o = qaic_command.options(m, sdk=case.sdk, hw_version=m.compile.qaic.aic_hw_version or "ai100",
-                             spec_format=qaic_sdk.specializations_format(m, case.sdk),
-                             retained_state=case.retained_state)
-    files = qaic_command.side_files(o, case.specs, case.io)
-    cmd = qaic_command.argv(o, sub_functions=case.sub_functions, custom_io=qaic_command.CUSTOM_IO_FILE in files)
+    hw = m.compile.qaic.aic_hw_version or "ai100"
+    dtype = qaic_command.export_dtype(m.model.dtype, hw) if case.retained_state else None  # the KV task's export
+    o = qaic_command.options(m, sdk=case.sdk, hw_version=hw, spec_format=qaic_sdk.specializations_format(m, case.sdk),
+                             retained_state=case.retained_state, graph_dtype=dtype)
+    specs = get_task("causal_lm_kv").specializations(m) if case.specs is None else case.specs
+    files = qaic_command.side_files(o, specs, case.io)
+    cmd = qaic_command.argv(o, custom_io=qaic_command.CUSTOM_IO_FILE in files)
     return {**files, "command.txt": "\n".join(cmd) + "\n"}
 
 
@@ -141,6 +151,7 @@ def _params(tmp_path: Path, **compile_: Any) -> dict[str, Any]:
     {"qaic": {"mos": 2}}, {"qaic": {"aic_enable_depth_first": True}}, {"qaic": {"ols": 2}},
     {"qaic": {"aic_hw_version": "ai200"}}, {"qaic": {"convert_to_fp16": False}},
     {"qaic": {"specializations_format": "flat"}}, {"qaic": {"extra_flags": {"aic-perf-metrics": True}}},
+    {"qaic": {"use_onnx_subfunctions": True}},
 ])
 def test_every_flag_changes_the_key_params(tmp_path: Path, change: dict[str, Any]) -> None:
     assert _params(tmp_path, **change) != _params(tmp_path)
@@ -148,7 +159,7 @@ def test_every_flag_changes_the_key_params(tmp_path: Path, change: dict[str, Any
 
 @pytest.mark.parametrize("change", [
     {"qaic": {"timeout_s": 5}}, {"qaic": {"compiler": "/elsewhere/qaic-compile"}}, {"qaic": {"sdk_dir": "/x"}},
-    {"qaic": {"extra_flags": {"aic-perf-metrics": False}}},
+    {"qaic": {"extra_flags": {"aic-perf-metrics": False}}}, {"qaic": {"device_group": [3]}},
     {"onnxruntime": {"graph_optimization": "all"}}, {"onnxruntime": {"threads": 8}},
 ])
 def test_what_does_not_change_the_command_does_not_change_the_key_params(tmp_path: Path,
@@ -208,7 +219,8 @@ def test_hw_version_from_the_manifest_qaic_util_or_the_default(tmp_path: Path,
     shutil.copytree(FAKE_SDK, sdk)
     monkeypatch.setenv("FAKE_QAIC_VARIANT", "AIC200")
     found = Sdk(str(sdk / "exec" / "qaic-compile"), "qaic-compile", root=str(sdk))
-    assert qaic_sdk.hw_version(manifest({}), found) == ("ai200", f"detected by {sdk}/tools/qaic-util -q")
+    assert qaic_sdk.hw_version(manifest({}), found) == ("ai200", f"detected by {sdk}/tools/qaic-util -q: "
+                                                                 "QID 0 AIC200_ES")
     nothing = Sdk("c", "qaic-compile", root=str(tmp_path / "no-sdk"))
     assert qaic_sdk.hw_version(manifest({}), nothing)[0] == "ai100"
 
@@ -218,3 +230,127 @@ def test_kv_custom_io_keeps_only_the_graphs_names() -> None:
     assert qaic_command.kv_custom_io(io, "float16") == [
         ("past_key.1", "float16"), ("past_key.1_RetainedState", "float16"), ("past_value.1", "float16"),
         ("past_key.10", "float16")]
+
+
+# --- issue 17: what QEfficient hands the compiler ---------------------------------------------------------
+
+def _qaic_util(tmp_path: Path, output: str, status: int = 0) -> Sdk:
+    """An SDK whose qaic-util -q prints ``output`` and exits ``status``."""
+    root = tmp_path / f"sdk-{abs(hash((output, status)))}"
+    (root / "tools").mkdir(parents=True)
+    tool = root / "tools" / "qaic-util"
+    (root / "output.txt").write_text(output)
+    tool.write_text(f"#!/bin/sh\ncat '{root}/output.txt'\nexit {status}\n")
+    tool.chmod(0o755)
+    return Sdk(str(root / "exec" / "qaic-compile"), "qaic-compile", root=str(root))
+
+
+TWO_CARDS = "QID 0\n\tStatus:Ready\n\tFW IMAGE_VARIANT:AIC100_ES\nQID 1\n\tStatus:Ready\n\tFW IMAGE_VARIANT:AIC200_ES\n"
+
+
+def test_qaic_util_output_is_read_case_insensitively_per_card() -> None:
+    assert qaic_sdk.parse_devices(TWO_CARDS) == {0: "AIC100_ES", 1: "AIC200_ES"}
+    assert qaic_sdk.parse_devices("qid 3\n  fw image_variant : aic200_x\n") == {3: "AIC200_X"}
+    assert qaic_sdk.parse_hw_version("qid 0\n\tfw image_variant:aic200_es\n") == "ai200"
+    assert qaic_sdk.parse_hw_version(TWO_CARDS) == "ai100"  # the first card, as QEfficient
+    assert qaic_sdk.parse_hw_version(TWO_CARDS, [1]) == "ai200"
+    assert qaic_sdk.parse_hw_version("\tNSP IMAGE_VARIANT:AIC200\n") == "ai100"  # only FW IMAGE_VARIANT counts
+    assert qaic_sdk.parse_hw_version("") == "ai100"
+
+
+def test_hw_is_detected_from_the_output_whatever_the_exit_status(tmp_path: Path) -> None:
+    sdk = _qaic_util(tmp_path, "QID 0\n\tFW IMAGE_VARIANT:AIC200_ES\nqaic-util: 1 device busy\n", status=1)
+    h = qaic_sdk.detect_hardware(manifest({}), sdk)
+    assert (h.version, h.devices, h.targets) == ("ai200", ((0, "AIC200_ES"),), (0,))
+    none = _qaic_util(tmp_path, "no card\n", status=3)
+    assert qaic_sdk.detect_hardware(manifest({}), none).version == "ai100"
+
+
+def test_hw_is_that_of_the_device_group(tmp_path: Path) -> None:
+    from qbuild.errors import PlanError
+
+    sdk = _qaic_util(tmp_path, TWO_CARDS)
+    group = lambda g: manifest({"compile": {"qaic": {"device_group": g, "num_devices": len(g)}}})  # noqa: E731
+    assert qaic_sdk.detect_hardware(manifest({}), sdk).version == "ai100"
+    assert qaic_sdk.detect_hardware(group([1]), sdk).version == "ai200"
+    h = qaic_sdk.detect_hardware(group([0]), sdk)
+    assert (h.version, h.targets) == ("ai100", (0,)) and "QID 0 AIC100_ES" in h.why
+    with pytest.raises(PlanError, match="targeted cards differ in hardware"):
+        qaic_sdk.detect_hardware(group([0, 1]), sdk)
+    with pytest.raises(PlanError, match=r"card\(s\) \[5\] not listed"):
+        qaic_sdk.detect_hardware(group([5]), sdk)
+    forced = manifest({"compile": {"qaic": {"device_group": [5], "aic_hw_version": "ai200"}}})
+    assert qaic_sdk.detect_hardware(forced, sdk).version == "ai200"  # the manifest wins; nothing is asked
+
+
+def test_device_group_is_checked() -> None:
+    with pytest.raises(ManifestError, match="num_devices=2"):
+        manifest({"compile": {"qaic": {"device_group": [0, 1]}}})
+    with pytest.raises(ManifestError, match="names a card twice"):
+        manifest({"compile": {"qaic": {"device_group": [1, 1], "num_devices": 2}}})
+    with pytest.raises(ManifestError, match="out of range"):
+        manifest({"compile": {"qaic": {"device_group": [-1]}}})
+
+
+def test_bf16_is_exported_in_float32_on_ai100_only() -> None:
+    assert qaic_command.export_dtype("bfloat16", "ai100") == "float32"
+    assert qaic_command.export_dtype("bfloat16", "ai200") == "bfloat16"
+    assert qaic_command.export_dtype("float16", "ai100") == "float16"
+    m = manifest({**KV, "model": {"dtype": "bfloat16"}, "compile": {"backend": "qaic"}})
+    from qbuild.backends.qaic import qaic_params
+    from qbuild.tasks import get_task
+
+    kv, emb = get_task("causal_lm_kv"), get_task("embedding")
+    on_100, on_200 = qaic_params(m, kv, SDK, "ai100").options, qaic_params(m, kv, SDK, "ai200").options
+    assert (on_100.graph_dtype, on_100.convert_to_fp16, on_100.kv_precision) == ("float32", True, "float16")
+    assert (on_200.graph_dtype, on_200.convert_to_fp16, on_200.kv_precision) == ("bfloat16", False, None)
+    # a task that does not export the qaic form keeps its bfloat16 graph and gets no conversion flag
+    assert not qaic_params(m, emb, SDK, "ai100").options.convert_to_fp16
+
+
+def test_sub_functions_follow_the_option_not_the_graph(tmp_path: Path) -> None:
+    o = qaic_command.options(manifest({**KV}), sdk=SDK, hw_version="ai100", spec_format="named", retained_state=True)
+    assert "-sub-functions" not in qaic_command.argv(o)
+    on = manifest({**KV, "compile": {"qaic": {"use_onnx_subfunctions": True}}})
+    o = qaic_command.options(on, sdk=SDK, hw_version="ai100", spec_format="named", retained_state=True)
+    assert qaic_command.argv(o)[-5:-3] == ["-aic-num-cores=16", "-sub-functions"]
+    with pytest.raises(ManifestError, match="use compile.qaic.use_onnx_subfunctions instead"):
+        qaic_command.extra_flags(manifest({"compile": {"qaic": {"extra_flags": {"sub-functions": True}}}}))
+
+
+def test_json_side_files_are_written_as_qefficient_create_json() -> None:
+    """indent 4, "," and ":" separators, sorted keys, no trailing newline (QEfficient's create_json)."""
+    text = qaic_command.specializations_json([{"name": "Decode", "symbols": {"seq_len": 1, "batch_size": 2}}], "named")
+    assert text == ('{\n    "specializations":[\n        {\n            "name":"Decode",\n'
+                    '            "symbols":{\n                "batch_size":"2",\n                "seq_len":"1"\n'
+                    '            }\n        }\n    ]\n}')
+    assert qaic_command.mdp_json(1, 4) == ('{\n    "connections":[\n        {\n            "devices":[\n'
+                                           '                0\n            ],\n            "type":"p2p"\n        }\n'
+                                           '    ],\n    "partitions":[\n        {\n            "devices":[\n'
+                                           '                {\n                    "deviceId":0,\n'
+                                           '                    "numCores":4\n                }\n            ],\n'
+                                           '            "name":"Partition0"\n        }\n    ]\n}')
+
+
+def test_kv_specializations_name_a_lone_length_1_prefill() -> None:
+    from qbuild.tasks import get_task
+
+    task = get_task("causal_lm_kv")
+    one = task.specializations(manifest({**KV, "seq": {"lengths": [1], "ctx_len": 64}}))
+    assert one == [{"name": "Prefill", "symbols": {"batch_size": 1, "seq_len": 1, "ctx_len": 64}}]
+    both = task.specializations(manifest({**KV, "seq": {"lengths": [1, 16], "ctx_len": 64}}))
+    assert [s["name"] for s in both] == ["Prefill", "Decode"] and both[0]["symbols"]["seq_len"] == 16
+
+
+def test_use_onnx_subfunctions_is_refused_for_a_task_without_layer_functions(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    from qbuild.backends.qaic import QaicBackend
+    from qbuild.errors import PlanError
+    from qbuild.store import Store
+    from qbuild.tasks import get_task
+
+    monkeypatch.setenv("QAIC_SDK_DIR", str(FAKE_SDK))
+    m = manifest({"model": {"task": "embedding"},
+                  "compile": {"backend": "qaic", "qaic": {"use_onnx_subfunctions": True}}})
+    with pytest.raises(PlanError, match="compile.qaic.use_onnx_subfunctions: not yet supported for the embedding"):
+        QaicBackend().resolve(m, get_task("embedding"), Store(tmp_path / "c", readonly=True).stats)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from qbuild.transforms.kv_cache import attend, causal_mask, ctx_scatter
+from qbuild.transforms.kv_cache import attend, causal_mask
 from qbuild.transforms.models.llama import KVLlama
 
 
@@ -52,12 +52,11 @@ class KVGPT2(KVLlama):
         heads, d = self.kv_cache_shape()
         q, k, v = attn.c_attn(x).split(hidden, dim=2)  # [B,S,H] each
         q, k, v = (t.view(b, s, heads, d).transpose(1, 2) for t in (q, k, v))  # [B,heads,S,D]
-        past_k = ctx_scatter(past_k, ctx["position_ids"], k)
-        past_v = ctx_scatter(past_v, ctx["position_ids"], v)
+        past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,heads,C,D] each
         scaling = d**-0.5 if attn.scale_attn_weights else 1.0
         if attn.scale_attn_by_inverse_layer_idx:
             scaling /= float(i + 1)
-        out = attend(q, past_k, past_v, ctx["masks"]["full_attention"], scaling, softmax_fp32=False)
+        out = attend(q, k_all, v_all, ctx["masks"]["full_attention"], scaling, softmax_fp32=False)
         return attn.c_proj(out), past_k, past_v
 
     def kv_final_norm(self, h: torch.Tensor) -> torch.Tensor:

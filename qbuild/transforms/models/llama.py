@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qbuild.transforms.kv_cache import KVCausalLM, attend, causal_mask, ctx_scatter
+from qbuild.transforms.kv_cache import KVCausalLM, attend, causal_mask
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +104,9 @@ class KVLlama(KVCausalLM):
                      past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.kv_qkv(attn, x)
         q, k = self.kv_rope(i, q, k, ctx)
-        past_k = ctx_scatter(past_k, ctx["position_ids"], k)  # [B,Hkv,C,D]
-        past_v = ctx_scatter(past_v, ctx["position_ids"], v)
+        past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,Hkv,C,D] each
         mask = ctx["masks"][self.kv_layer_type(i)]
-        out = attend(q, past_k, past_v, mask, attn.scaling, softcap=self.kv_softcap(attn))  # [B,S,Hq*D]
+        out = attend(q, k_all, v_all, mask, attn.scaling, softcap=self.kv_softcap(attn))  # [B,S,Hq*D]
         return attn.o_proj(out), past_k, past_v
 
     def kv_softcap(self, attn: Any) -> float | None:

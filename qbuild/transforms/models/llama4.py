@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from qbuild.transforms.kv_cache import attend, causal_mask, ctx_scatter
+from qbuild.transforms.kv_cache import attend, causal_mask
 from qbuild.transforms.models.llama import KVLlama
 
 
@@ -79,10 +79,9 @@ class KVLlama4(KVLlama):
             pos = ctx["position_ids"].float()[:, :, None, None]  # [B,S,1,1]
             q = (q * (torch.log1p(torch.floor((pos + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0)).to(q.dtype)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B,H,S,D]
-        past_k = ctx_scatter(past_k, ctx["position_ids"], k)
-        past_v = ctx_scatter(past_v, ctx["position_ids"], v)
+        past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,Hkv,C,D] each
         mask = ctx["masks"][self.kv_layer_type(i)]
-        out = attend(q, past_k, past_v, mask, attn.scaling, softmax_fp32=False)  # [B,S,Hq*D]
+        out = attend(q, k_all, v_all, mask, attn.scaling, softmax_fp32=False)  # [B,S,Hq*D]
         return attn.o_proj(out), past_k, past_v
 
     def kv_moe(self, moe: Any, x: torch.Tensor) -> torch.Tensor:
