@@ -48,8 +48,9 @@ def encoder_flops_per_seq(seq_len: int, hidden: int, intermediate: int, layers: 
 def padded_batches(lengths: Sequence[int], batch_size: int, buckets: Sequence[int],
                    fixed: bool) -> list[tuple[int, int]]:
     """(rows, seq_len) of each batch qbuild's Embedder runs for texts of these token ``lengths``: longest
-    first, batches of ``batch_size``, padded to the smallest bucket holding the longest (fixed-shape sessions
-    also pad rows to ``batch_size``), or to the longest text (dynamic sessions)."""
+    first, batches of ``batch_size``, padded to the smallest bucket holding the longest with rows padded to
+    ``batch_size`` where only fixed-shape sessions exist (``fixed``: qaic), else to the longest text (ONNX
+    Runtime: a batch that fills its specialisation exactly runs the fixed-shape session, the same shape)."""
     order = sorted(lengths, reverse=True)
     out = []
     for start in range(0, len(order), batch_size):

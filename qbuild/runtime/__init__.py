@@ -23,6 +23,8 @@ class Sessions(Protocol):
 
     specializations: list[dict[str, Any]]
     mode: str
+    #: True when ``session_for`` also runs shapes no specialisation names (one dynamic session)
+    any_shape: bool
 
     def session_for(self, symbols: dict[str, int]) -> Any: ...
 

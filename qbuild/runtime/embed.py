@@ -2,9 +2,10 @@
 
 Texts are sorted by token count and cut into batches of the compiled batch size. A batch runs in the
 smallest sequence-length bucket that holds its longest text. Fixed-shape sessions need the exact
-specialisation, so the batch is padded to ``[batch_size, bucket]``; the dynamic session takes any
-shape, so it is padded only to the batch's longest text (padding to the bucket would only add work:
-masked positions change nothing). A text longer than the largest bucket is an error or is truncated
+specialisation, so on a backend that runs only those (qaic) the batch is padded to ``[batch_size, bucket]``;
+where a dynamic session exists (ONNX Runtime) a batch that does not fill its specialisation runs there,
+padded only to its longest text (padding to the bucket would only add work: masked positions change
+nothing). A text longer than the largest bucket is an error or is truncated
 (``seq.overflow``).
 """
 
@@ -88,6 +89,8 @@ class Embedder:
                  vocab_size: int | None = None, num_threads: int | None = None) -> None:
         self.sessions = (artifact.sessions() if not isinstance(artifact, (str, Path))
                          else artifact_sessions(Path(artifact), num_threads))
+        if hasattr(self.sessions, "spinning"):  # between batches the caller tokenises and pads: no spinning
+            self.sessions.spinning = False
         artifact_dir = artifact if isinstance(artifact, (str, Path)) else artifact.directory
         specs = self.sessions.specializations
         if not specs:
@@ -139,7 +142,11 @@ class Embedder:
         if bucket is None:
             raise RunError(f"an input of {longest} tokens exceeds the largest bucket {self.lengths[-1]}",
                            hint="add a larger bucket to seq.lengths, or set seq.overflow=truncate")
-        fixed = self.sessions.mode == "fixed"
+        # a fixed-shape session only for a batch that fills its specialisation (or where nothing else runs):
+        # padding a batch to its bucket would execute up to twice the useful FLOPs; the dynamic session
+        # pads only to the batch's longest text
+        fits = len(batch) == self.batch_size and longest == bucket
+        fixed = self.sessions.mode == "fixed" and (fits or not getattr(self.sessions, "any_shape", False))
         seq, rows = (bucket, self.batch_size) if fixed else (longest, len(batch))
         input_ids = np.full((rows, seq), self.tokenizer.pad_id if self.tokenizer else 0, dtype=np.int64)
         mask = np.zeros((rows, seq), dtype=np.int64)

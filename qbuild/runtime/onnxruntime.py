@@ -37,12 +37,17 @@ def session_options(level: str, intra: int) -> onnxruntime.SessionOptions:
 
 
 def open_model_session(model: Path, info: Mapping[str, Any], threads: int | None = None,
-          overrides: Mapping[str, int] | None = None) -> onnxruntime.InferenceSession:
-    """A session on ``model`` with the recorded settings; ``overrides`` fix symbolic dims by name."""
+          overrides: Mapping[str, int] | None = None, *, spinning: bool = True) -> onnxruntime.InferenceSession:
+    """A session on ``model`` with the recorded settings; ``overrides`` fix symbolic dims by name.
+
+    ``spinning=False``: the intra-op threads sleep between runs instead of spinning (an idle session's
+    spinning threads compete for the cores with everything else the caller runs between calls)."""
     import onnxruntime as ort
 
     n = threads if threads is not None else int(info.get("intra_op_num_threads", 0))
     so = session_options(info.get("runtime_optimization", "disabled"), n)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for dim, value in (overrides or {}).items():
         so.add_free_dimension_override_by_name(dim, int(value))
     try:
@@ -71,12 +76,18 @@ def open_session(artifact_dir: Path, num_threads: int | None = None) -> onnxrunt
 
 
 class Sessions:
-    """The sessions of a compiled artifact, opened lazily: :meth:`session_for` concrete symbol values."""
+    """The sessions of a compiled artifact, opened lazily: :meth:`session_for` concrete symbol values.
+
+    ``any_shape``: shapes no specialisation names run in the dynamic session (ONNX Runtime takes any shape).
+    ``spinning``: see :func:`open_model_session` (set it before the first ``session_for``)."""
+
+    any_shape = True
 
     def __init__(self, artifact_dir: Path, num_threads: int | None = None) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.info = _read_info(self.artifact_dir)
         self.num_threads = num_threads
+        self.spinning = True
         self.specializations: list[dict[str, Any]] = list(self.info.get("specializations") or [])
         self.mode: str = self.info.get("session", {}).get("mode", "dynamic")
         self._open: dict[str, onnxruntime.InferenceSession] = {}
@@ -96,7 +107,8 @@ class Sessions:
         if name not in self._open:
             overrides = spec["symbols"] if spec else None
             path = self.artifact_dir / MODEL_FILE
-            self._open[name] = open_model_session(path, self.info, self.num_threads, overrides)
+            self._open[name] = open_model_session(path, self.info, self.num_threads, overrides,
+                                                  spinning=self.spinning)
         return self._open[name]
 
 

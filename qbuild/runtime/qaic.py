@@ -166,6 +166,7 @@ class QpcSessions:
     """An embedding QPC behind the interface ``Embedder`` uses for ONNX Runtime sessions (fixed shapes)."""
 
     mode = "fixed"
+    any_shape = False  # a QPC runs its specialisations only
 
     def __init__(self, artifact_dir: Path, device_ids: Sequence[int] | None = None) -> None:
         self.session = QpcSession(artifact_dir, device_ids)

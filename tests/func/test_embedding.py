@@ -222,6 +222,40 @@ def test_fixed_sessions_take_only_their_shape(cache: Path, write_manifest: Calla
     assert open_session(Path(result.artifacts["compiled"])).run(None, _padded([[101, 102]], 5))[0].shape == (1, 32)
 
 
+def test_embedder_pads_to_the_longest_unless_a_batch_fills_its_specialisation(
+        cache: Path, write_manifest: Callable[..., Path]) -> None:
+    """Fixed-shape sessions only for a batch of exactly [batch_size, bucket]; every other batch runs the dynamic
+    session padded only to its longest text; the vectors are the same either way (issue 16)."""
+    import numpy as np
+
+    from qbuild.runtime.embed import Embedder
+
+    result = build(write_manifest(tiny_manifest(compile={"onnxruntime": {"session": "fixed"}})), cache_dir=cache)
+    compiled = Path(result.artifacts["compiled"])
+    embedder = Embedder(compiled, None)
+    assert embedder.sessions.mode == "fixed" and embedder.sessions.any_shape
+    assert (embedder.batch_size, embedder.lengths) == (3, [8, 16, 32])
+    shapes: list[tuple[int, int]] = []
+    real = embedder.sessions.session_for
+
+    def spy(symbols: dict[str, int]):  # noqa: ANN202
+        shapes.append((symbols["batch_size"], symbols["seq_len"]))
+        return real(symbols)
+
+    embedder.sessions.session_for = spy  # type: ignore[method-assign]
+    exact = [[101, *range(2000, 2014), 102]] * 3  # 16 tokens, 3 rows: fills Embedding_1 exactly
+    ragged = [[101, 2000, 2001, 102], [101, 2000, 2001, 2002, 2003, 102], [101, 102], [101, 2000, 2001, 102]]
+    out = embedder.run(exact + ragged)
+    # longest first: [16,16,16] -> the fixed shape; [6,4,4] -> dynamic [3, 6]; [2] -> dynamic [1, 2]
+    assert shapes == [(3, 16), (3, 6), (1, 2)]
+    assert set(embedder.sessions._open) == {"Embedding_1", ""}  # one fixed-shape session and the dynamic one
+    for ids, got in zip(exact + ragged, out, strict=True):  # the same vector as a fixed session padded to 8/16
+        bucket = 8 if len(ids) <= 8 else 16
+        feeds = _padded([ids] * 3, bucket)
+        want = real({"batch_size": 3, "seq_len": bucket}).run(None, feeds)[0][0]
+        np.testing.assert_allclose(got, want, atol=2e-6)
+
+
 # --- the runtime and the CLI ---------------------------------------------------------------------------
 
 
