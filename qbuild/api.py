@@ -15,25 +15,33 @@ from qbuild.plan.planner import Plan, make_plan
 from qbuild.store import Store, default_cache_dir
 
 if TYPE_CHECKING:
+    from qbuild.qeff.manifest import ApiManifest
+    from qbuild.qeff.runnable import CompiledModel
     from qbuild.runtime.embed import EmbedResult
 
-__all__ = ["BuildResult", "RunResult", "build", "embed", "plan", "run"]
+__all__ = ["BuildResult", "RunResult", "build", "embed", "load", "plan", "run"]
 
 PathLike = str | os.PathLike
+#: the stages a build may stop after (``build(..., until=...)``)
+STAGE_ORDER = ("load", "export", "compile", "verify")
 
 
 def _cache(cache_dir: PathLike | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
-def _composed(manifest: PathLike | ComposedManifest, overrides: Sequence[str], cache: Path, *,
+def _composed(manifest: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[str], cache: Path, *,
               write: bool) -> ComposedManifest:
     if isinstance(manifest, ComposedManifest):
         return manifest
+    from qbuild.qeff.manifest import ApiManifest
+
+    if isinstance(manifest, ApiManifest):
+        return manifest.compose(cache, overrides, write=write)
     return compose(manifest, list(overrides), memo_dir=cache / "compose", memo_write=write)
 
 
-def plan(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
+def plan(manifest: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[str] = (), *,
          cache_dir: PathLike | None = None, remote: PathLike | None = None) -> Plan:
     """Plan a build: per stage its key, state and reasons (and what the remote cache holds). Writes nothing."""
     cache = _cache(cache_dir)
@@ -53,25 +61,39 @@ def _remote(remote: PathLike | None, composed: ComposedManifest) -> Any:
     return open_remote(remote, composed.manifest.cache.remote)
 
 
-def build(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *,
+def build(manifest: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[str] = (), *,
           cache_dir: PathLike | None = None, reporter: Reporter | None = None,
-          remote: PathLike | None = None) -> BuildResult:
+          remote: PathLike | None = None, until: str | None = None) -> BuildResult:
     """Build what is missing from the cache and return the stages and artifacts. ``remote`` (else the
     manifest's ``cache.remote``, else ``$QBUILD_REMOTE``): a remote cache (a directory, or an fsspec URL such
-    as ``s3://bucket/prefix``) to pull missing entries from and push builds to."""
+    as ``s3://bucket/prefix``) to pull missing entries from and push builds to. ``until``: stop after that
+    stage (``load``, ``export``, ``compile``; default: every stage); the keys are those of a full build."""
     cache = _cache(cache_dir)
+    if until is not None and until not in STAGE_ORDER:
+        from qbuild.errors import ManifestError
+        from qbuild.manifest.validate import suggest
+
+        raise ManifestError(f"until: unknown stage {until!r}; stages: {', '.join(STAGE_ORDER)}"
+                            f"{suggest(str(until), STAGE_ORDER)}", key="until")
     composed = _composed(manifest, overrides, cache, write=True)  # bad input fails before any write
-    return _build(composed, cache, reporter, remote=remote)
+    return _build(composed, cache, reporter, remote=remote, until=until)
 
 
 def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *, execute_as: str = "",
-           remote: PathLike | None = None) -> BuildResult:
+           remote: PathLike | None = None, until: str | None = None) -> BuildResult:
     """Plan and execute; with ``execute_as`` (a command name), first check that this machine can execute the
-    artifact, as its backend says for the options it will be compiled with (before a long compile)."""
+    artifact, as its backend says for the options it will be compiled with (before a long compile).
+    ``until``: execute the stages up to and including that one only."""
+    import dataclasses
+
     store = Store(cache, remote=_remote(remote, composed))
     reporter = reporter or Reporter()
     try:
         the_plan = make_plan(composed, store)
+        if until is not None:
+            names = [s.name for s in the_plan.stages]
+            last = max(i for i, n in enumerate(names) if STAGE_ORDER.index(n) <= STAGE_ORDER.index(until))
+            the_plan = dataclasses.replace(the_plan, stages=the_plan.stages[:last + 1])
         if execute_as:
             _check_executable(the_plan, execute_as)
         reporter.emit({"event": "plan", "notes": the_plan.notes,
@@ -110,7 +132,7 @@ class RunResult:
                 "stats": self.stats}
 
 
-def run(manifest: PathLike | ComposedManifest, overrides: Sequence[str] = (), *, prompts: Sequence[str],
+def run(manifest: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[str] = (), *, prompts: Sequence[str],
         max_new_tokens: int = 32, cache_dir: PathLike | None = None, reporter: Reporter | None = None,
         on_text: Callable[[int, str], None] | None = None, remote: PathLike | None = None) -> RunResult:
     """Build what is missing, then generate greedily for each prompt (``on_text`` streams row text);
@@ -166,7 +188,7 @@ def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str
     return RunResult(prompts, g.tokens, texts, stats)
 
 
-def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides: Sequence[str] = (), *,
+def embed(manifest: PathLike | ComposedManifest | ApiManifest, texts: Sequence[str], overrides: Sequence[str] = (), *,
           cache_dir: PathLike | None = None, reporter: Reporter | None = None,
           progress: Callable[[int, int], None] | None = None, remote: PathLike | None = None) -> EmbedResult:
     """Build what is missing, then embed ``texts`` with the compiled artifact (``model.task: embedding``);
@@ -182,3 +204,25 @@ def embed(manifest: PathLike | ComposedManifest, texts: Sequence[str], overrides
                             key="model.task", hint="use an encoder manifest, e.g. manifests/minilm.yaml")
     result = _build(composed, cache, reporter, execute_as="qbuild embed", remote=remote)
     return embed_build(composed, result, cache, texts, progress)
+
+
+def load(source: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[str] = (), *,
+         cache_dir: PathLike | None = None, reporter: Reporter | None = None,
+         remote: PathLike | None = None) -> CompiledModel:
+    """A runnable model: ``source`` is a manifest (file, composed, or a QEFF model's ``model.manifest``),
+    built first (what is cached is reused), or a compiled artifact directory (the compile stage's
+    output, or a bundle written by ``qbuild --out``). The result generates (KV causal LMs) or embeds
+    (encoders) with the artifact, on the backend recorded in it."""
+    from qbuild.qeff.runnable import CompiledModel
+
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        if overrides:
+            from qbuild.errors import ManifestError
+
+            raise ManifestError("overrides apply to a manifest, not to a compiled artifact directory",
+                                key="overrides")
+        return CompiledModel.from_dir(Path(source))
+    cache = _cache(cache_dir)
+    composed = _composed(source, overrides, cache, write=True)
+    result = _build(composed, cache, reporter, remote=remote)
+    return CompiledModel.from_build(composed, result)

@@ -24,7 +24,7 @@ from qbuild.errors import CacheError
 from qbuild.store.statcache import discard
 from qbuild.store.store import RECORD, Store, open_lock, read_record, remove_tree
 
-PARTS = ("compose", "history", "locks", "uses", "logs", "staging", "trash", "sweeps")
+PARTS = ("compose", "history", "locks", "uses", "logs", "staging", "trash", "sweeps", "api")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
