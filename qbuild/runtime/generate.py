@@ -39,12 +39,17 @@ class KVRuntime:
         from qbuild.runtime.onnxruntime import open_sessions
 
         self.sessions = open_sessions(compiled, num_threads)  # fixed-shape per specialisation, or dynamic
-        self.session = session or self.sessions.session_for({})
         self._fixed = session is None and self.sessions.mode == "fixed"
+        # fixed mode opens only the specialisations it runs (each session holds its own prepacked weights):
+        # the graph's inputs come from session.json, not from a dynamic session opened to read them
+        self.session = session or (None if self._fixed else self.sessions.session_for({}))
         self.ctx_len, self.buckets = ctx_len, sorted(buckets)
-        names = [i.name for i in self.session.get_inputs()]
-        self.kv_inputs = [n for n in names if n.startswith(("past_key.", "past_value."))]
-        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        recorded = self.sessions.info.get("inputs") or []
+        if self.session is not None or not recorded:
+            self.session = self.session or self.sessions.session_for({})
+            recorded = [{"name": i.name, "shape": list(i.shape)} for i in self.session.get_inputs()]
+        self.kv_inputs = [i["name"] for i in recorded if i["name"].startswith(("past_key.", "past_value."))]
+        shapes = {i["name"]: [int(d) if str(d).isdigit() else d for d in i["shape"]] for i in recorded}
         _, self.kv_heads, _, self.head_dim = shapes[self.kv_inputs[0]]
         if not all(isinstance(d, int) for d in (self.kv_heads, self.head_dim)):
             shape = shapes[self.kv_inputs[0]]
