@@ -24,6 +24,7 @@ does without importing it (qbuild.runtime.tokenizer).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,12 +95,9 @@ class KVCausalLMTask(Task):
 
     def export(self, model: Any, out: Path, p: ExportParams, ctx: StageContext) -> dict[str, Any]:
         o = p.options if isinstance(p.options, KVExport) else None
-        if o is not None and o.sub_functions:
-            raise ExportError("compile.qaic.use_onnx_subfunctions: exporting the decoder layers as ONNX functions "
-                              "is not yet implemented in qbuild",
-                              hint="set compile.qaic.use_onnx_subfunctions=false (QEfficient's default)")
         info = export_kv_causal_lm(model, out, exporter=p.exporter, opset=p.opset,
-                                   graph=o.graph if o else "plain", dtype=o.dtype if o else None)
+                                   graph=o.graph if o else "plain", dtype=o.dtype if o else None,
+                                   sub_functions=o.sub_functions if o else False)
         return {**info, "runtime_tokenizer": save_tokenizer(model, out, p, ctx)}
 
     def specializations(self, m: Manifest) -> list[dict[str, Any]]:
@@ -195,9 +193,12 @@ def _axes(inputs: list[str], outputs: list[str]) -> dict[str, dict[int, str]]:
 Names = tuple[list[str], list[str]]
 
 
-def _export_legacy(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
+def _export_legacy(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names,
+                   functions: set[type] | None = None) -> None:
+    """``functions``: the module classes exported as ONNX functions (``export_modules_as_functions``)."""
+    extra = {"export_modules_as_functions": functions} if functions else {}
     legacy_export(wrapper, args, path, input_names=names[0], output_names=names[1],
-                  dynamic_axes=_axes(*names), opset_version=opset, do_constant_folding=True)
+                  dynamic_axes=_axes(*names), opset_version=opset, do_constant_folding=True, **extra)
 
 
 def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, names: Names) -> None:
@@ -213,14 +214,42 @@ def _export_dynamo(wrapper: Any, args: tuple[Any, ...], path: Path, opset: int, 
     program.save(str(path), external_data=True)
 
 
-def _finish(path: Path, opset: int, vocab: int) -> None:
-    """Append the ONNX functions of the custom ops the graph uses; state ``logits`` as ``[batch_size, 1, vocab]``.
+def internal_names(outputs: list[str]) -> list[str]:
+    """The output names the subfunction export traces with: ``*_RetainedState`` -> ``*_InternalRetainedState``
+    (QEfficient's ``_setup_onnx_subfunctions``), so the layer function's outputs carry the internal names."""
+    return [re.sub(r"_RetainedState$", "_InternalRetainedState", n) for n in outputs]
+
+
+def public_outputs(graph: Any, outputs: list[str]) -> int:
+    """Give the graph's outputs the names ``outputs`` (in order) where they lost them, as QEfficient's
+    ``RenameFunctionOutputsTransform``: the legacy exporter names a function call's outputs afresh, so the
+    retained-state outputs of the layer calls come out numbered, while the layer function's own outputs keep
+    the ``*_InternalRetainedState`` names traced (:func:`internal_names`). The compiler pairs ``past_key.i``
+    with ``past_key.i_RetainedState`` (``-retained-state``), so the graph carries the public names. Returns
+    how many outputs were renamed."""
+    if len(graph.output) != len(outputs):
+        raise ExportError(f"the exported graph has {len(graph.output)} outputs, expected {len(outputs)}")
+    renamed = {v.name: name for v, name in zip(graph.output, outputs, strict=True) if v.name != name}
+    for value in graph.output:
+        value.name = renamed.get(value.name, value.name)
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            node.output[i] = renamed.get(name, name)
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    return len(renamed)
+
+
+def _finish(path: Path, opset: int, vocab: int, outputs: list[str]) -> None:
+    """Append the ONNX functions of the custom ops the graph uses; state ``logits`` as ``[batch_size, 1, vocab]``;
+    give internal retained-state outputs their public names (:func:`public_outputs`).
 
     The weights are not parsed: they are copied byte for byte (``rewrite_small``)."""
     from qbuild.transforms.custom_ops import add_functions
 
     def edit(model: Any) -> None:
         add_functions(model, opset)
+        public_outputs(model.graph, outputs)
         dims = model.graph.output[0].type.tensor_type.shape.dim  # the legacy exporter names dim 1 "Castlogits_dim_1"
         for dim, value in zip(dims, ("batch_size", 1, vocab), strict=True):
             dim.Clear()
@@ -242,16 +271,18 @@ def _describe(model: Any, exporter: str, opset: int, files: list[str]) -> dict[s
 
 
 @contextlib.contextmanager
-def graph_form(model: Any, graph: str, dtype: str | None) -> Iterator[dict[str, Any]]:
+def graph_form(model: Any, graph: str, dtype: str | None, sub_functions: bool = False) -> Iterator[dict[str, Any]]:
     """The model as the ``graph`` form exports it, for the time of the block; yields what was changed.
 
     ``qaic``: CtxScatter/CtxGather cache ops and CustomRMSNorm norms; ``dtype``: parameters and buffers
-    cast to it. Everything is put back afterwards (the model may be shared with other builds of this
+    cast to it; ``sub_functions``: the decoder layers called as modules of a swapped class (its ``classes``
+    go to ``export_modules_as_functions``) and the invalid cache index 0 (qbuild.transforms.kv_cache.
+    layer_functions). Everything is put back afterwards (the model may be shared with other builds of this
     process; a bfloat16 -> float32 -> bfloat16 round trip is exact)."""
     import torch
 
     from qbuild.transforms.custom_ops import swapped_rmsnorm
-    from qbuild.transforms.kv_cache import kv_ops
+    from qbuild.transforms.kv_cache import kv_ops, layer_functions
 
     if graph not in ("plain", "qaic"):
         raise ExportError(f"unknown KV graph form {graph!r}; expected plain or qaic")
@@ -267,35 +298,47 @@ def graph_form(model: Any, graph: str, dtype: str | None) -> Iterator[dict[str, 
         if graph == "qaic":
             report["custom_rmsnorm"] = stack.enter_context(swapped_rmsnorm(model))["swapped"]
             stack.enter_context(kv_ops(model, "qaic"))
+        if sub_functions:
+            classes = stack.enter_context(layer_functions(model))
+            report.update(sub_functions=sorted(c.__name__ for c in classes), invalid_index=0, classes=classes)
         yield report
 
 
 def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int, graph: str = "plain",
-                        dtype: str | None = None) -> dict[str, Any]:
+                        dtype: str | None = None, sub_functions: bool = False) -> dict[str, Any]:
     """Export a ``kv_cache``-transformed ``model`` to ``out_dir/model.onnx`` (+ external data); checked.
 
     ``graph``: ``plain`` or ``qaic`` (QEfficient's CtxScatter/CtxGather/CustomRMSNorm form, see
-    :func:`graph_form`); ``dtype``: export in this dtype instead of the model's."""
+    :func:`graph_form`); ``dtype``: export in this dtype instead of the model's; ``sub_functions``
+    (``compile.qaic.use_onnx_subfunctions``, qaic form and legacy exporter only): every decoder layer is one
+    call of a single ONNX function, as QEfficient's subfunction export (:func:`graph_form`)."""
     from qbuild.transforms.kv_cache import KVCausalLM
 
     if not isinstance(model, KVCausalLM):
         raise ExportError("the kv causal-LM export needs the kv_cache transform",
                           hint="add kv_cache to transforms.apply (e.g. transforms=kv_cache)")
     check_args(exporter, opset)
+    if sub_functions and (exporter != "legacy" or graph != "qaic"):
+        raise ExportError("compile.qaic.use_onnx_subfunctions: decoder layers are exported as ONNX functions by the "
+                          f"legacy exporter in the qaic graph form only (got export.exporter={exporter}, "
+                          f"graph {graph})", hint="set export.exporter=legacy, or compile.qaic.use_onnx_subfunctions"
+                          "=false")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE
     names = io_names(model.kv_num_layers())
     before = output_files(out_dir)
     try:
-        with quiet(), graph_form(model, graph, dtype) as form:
+        with quiet(), graph_form(model, graph, dtype, sub_functions) as form:
             wrapper, args = _wrapper(model, model.kv_num_layers()), example_inputs(model)
             if exporter == "dynamo":
                 _export_dynamo(wrapper, args, path, opset, names)
+            elif sub_functions:
+                _export_legacy(wrapper, args, path, opset, (names[0], internal_names(names[1])), form.pop("classes"))
             else:
                 _export_legacy(wrapper, args, path, opset, names)
                 gather_external_data(path, output_files(out_dir) - before - {MODEL_FILE})
-            _finish(path, opset, int(model.config.vocab_size))
+            _finish(path, opset, int(model.config.vocab_size), names[1])
         check_model(path)  # the graph and the weights' headers; the weights' bytes are the exporter's
     except ExportError:
         raise

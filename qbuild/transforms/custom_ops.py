@@ -270,10 +270,13 @@ FUNCTIONS = {(DOMAIN, OP): rmsnorm_function, (CTX_DOMAIN, CTX_SCATTER): ctx_scat
 
 
 def add_functions(model: Any, opset: int) -> bool:
-    """Give ``model`` (ModelProto) the function bodies of the custom ops it uses; True when it changed."""
+    """Give ``model`` (ModelProto) the function bodies of the custom ops it uses, in its graph or in the body
+    of another function (a decoder layer exported as a function); True when it changed."""
     from onnx import helper
 
-    used = [key for key in FUNCTIONS if any((nd.domain, nd.op_type) == key for nd in model.graph.node)]
+    calls = {(nd.domain, nd.op_type) for nd in model.graph.node}
+    calls |= {(nd.domain, nd.op_type) for f in model.functions if (f.domain, f.name) not in FUNCTIONS for nd in f.node}
+    used = [key for key in FUNCTIONS if key in calls]
     if not used:
         return False
     kept = [f for f in model.functions if (f.domain, f.name) not in used]

@@ -71,20 +71,23 @@ def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.
 
 
 def qaic_update(cache_k: torch.Tensor, cache_v: torch.Tensor, position_ids: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                v: torch.Tensor, invalid_index: int | None = None) -> tuple[torch.Tensor, ...]:
     """QEfficient's cache update (``QEffDynamicLayer.update``, reference 3.3): ``CtxScatter`` the new keys and
     values, then ``CtxGather`` every slot with slots past the row's largest position id given the invalid
-    index INT32_MAX, and the values read there zeroed. Returns (new caches k, v, what attention reads k, v)."""
+    index (INT32_MAX; 0 with ONNX subfunctions, as QEfficient's ``InvalidIndexProvider``), and the values read
+    there zeroed. Returns (new caches k, v, what attention reads k, v)."""
     from qbuild.transforms.custom_ops import INVALID_INDEX, ctx_gather
     from qbuild.transforms.custom_ops import ctx_scatter as scatter_op
 
+    if invalid_index is None:
+        invalid_index = INVALID_INDEX
     slot, k = scatter_slots(cache_k.shape[2], position_ids, k)
     _, v = scatter_slots(cache_v.shape[2], position_ids, v)
     cache_k, cache_v = scatter_op(cache_k, slot, k), scatter_op(cache_v, slot, v)  # [B,H,C,D]
     ctx_indices = torch.arange(cache_k.shape[2], dtype=torch.int64)[None, None, :]  # [1,1,C]
     limit = position_ids.max(dim=1, keepdim=True).values[:, :, None]  # [B,1,1]
     invalid = ctx_indices > limit  # [B,1,C]
-    ctx_indices = torch.where(invalid, torch.full_like(ctx_indices, INVALID_INDEX), ctx_indices)  # [B,1,C]
+    ctx_indices = torch.where(invalid, torch.full_like(ctx_indices, invalid_index), ctx_indices)  # [B,1,C]
     k_read, v_read = ctx_gather(cache_k, ctx_indices), ctx_gather(cache_v, ctx_indices)  # [B,H,C,D]
     v_read = torch.where(invalid[..., None], torch.zeros((), dtype=v_read.dtype), v_read)
     return cache_k, cache_v, k_read, v_read
@@ -108,6 +111,78 @@ def kv_ops(model: Any, ops: str) -> Iterator[None]:
             del model.kv_ops
         else:
             model.kv_ops = before
+
+
+class KVLayerFunction:
+    """Mixin put in front of a decoder layer's class for an export with ``compile.qaic.use_onnx_subfunctions``:
+    the model's forward then calls each layer as a module, ``layer(h, ctx, past_k, past_v)``, so that the
+    legacy exporter's ``export_modules_as_functions`` makes one ONNX function of the layer class, called once
+    per layer. The layer keeps its weights and their names; :func:`layer_functions` swaps it back after."""
+
+    def forward(self, h: torch.Tensor, ctx: dict[str, Any], past_k: torch.Tensor,
+                past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        owner, i = self.__dict__["kv_owner"], self.__dict__["kv_index"]  # plain attributes, not submodules
+        return owner.kv_layer(i, self, h, ctx, past_k, past_v)
+
+
+@contextlib.contextmanager
+def layer_functions(model: Any) -> Iterator[set[type]]:
+    """Swap every decoder layer of a rewritten ``model`` to a :class:`KVLayerFunction` subclass of its class for
+    the time of the block (and the cache's invalid index to 0, QEfficient's subfunction convention); yields the
+    swapped classes, the ``export_modules_as_functions`` argument. Classes, attributes and the forward hooks
+    the exporter leaves on every module are put back afterwards."""
+    layers = list(model.kv_layers())
+    before = [type(layer) for layer in layers]
+    hooks = {id(m): (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()}
+    for i, layer in enumerate(layers):
+        base = type(layer)
+        if (KVLayerFunction, base) not in _SWAPPED:
+            _SWAPPED[(KVLayerFunction, base)] = type(f"KV{base.__name__}", (KVLayerFunction, base),
+                                                     {"__module__": __name__})
+        layer.__class__ = _SWAPPED[(KVLayerFunction, base)]
+        layer.__dict__.update(kv_owner=model, kv_index=i)
+    model.kv_sub_functions = True
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(_exporter_patches())
+        yield {type(layer) for layer in layers}
+    finally:
+        stack.close()
+        del model.kv_sub_functions
+        for layer, base in zip(layers, before, strict=True):
+            layer.__class__ = base
+            for name in ("kv_owner", "kv_index"):
+                layer.__dict__.pop(name, None)
+        for m in model.modules():
+            if id(m) in hooks:
+                forward, pre = hooks[id(m)]
+                for kept, now in ((forward, m._forward_hooks), (pre, m._forward_pre_hooks)):
+                    for key in [k for k in now if k not in kept]:
+                        del now[key]
+
+
+@contextlib.contextmanager
+def _exporter_patches() -> Iterator[None]:
+    """Two changes to the legacy exporter for the time of a subfunction export (QEfficient patches it too,
+    ``apply_torch_patches``): it records no module attributes as function attributes (it would record every
+    annotated attribute and fails on those that are not IValues, such as a Hugging Face model's ``config``;
+    the layer functions take none), and it skips common-subexpression elimination, which would merge the
+    layers' identical computations on shared inputs (rope, cache slots from position ids) into the first
+    layer and give each layer a different signature, hence one function per layer."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils
+    except ImportError:  # another torch: its exporter as it is
+        yield
+        return
+    patches = [(utils, "_get_module_attributes", lambda module: {}), (torch._C, "_jit_pass_cse", lambda graph: False)]
+    kept = [(owner, name, getattr(owner, name)) for owner, name, _new in patches if hasattr(owner, name)]
+    for owner, name, new in patches:
+        setattr(owner, name, new)
+    try:
+        yield
+    finally:
+        for owner, name, original in kept:
+            setattr(owner, name, original)
 
 
 def causal_mask(
@@ -171,6 +246,9 @@ class KVCausalLM:
     #: how the cache is written and read: ``plain`` (ScatterElements, the cache itself) or ``qaic``
     #: (QEfficient's CtxScatter / CtxGather functions); set per export with :func:`kv_ops`
     kv_ops = "plain"
+    #: decoder layers called as modules (ONNX functions) and the invalid cache index 0: see
+    #: :func:`layer_functions`
+    kv_sub_functions = False
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor,
                 **named: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -180,7 +258,10 @@ class KVCausalLM:
         h = self.kv_embed(input_ids, position_ids)  # [B,S,H]
         new: list[torch.Tensor] = []
         for i, layer in enumerate(self.kv_layers()):
-            h, k, v = self.kv_layer(i, layer, h, ctx, past_kv[2 * i], past_kv[2 * i + 1])
+            if isinstance(layer, KVLayerFunction):  # an export with ONNX subfunctions: one function per layer
+                h, k, v = layer(h, ctx, past_kv[2 * i], past_kv[2 * i + 1])
+            else:
+                h, k, v = self.kv_layer(i, layer, h, ctx, past_kv[2 * i], past_kv[2 * i + 1])
             new += [k, v]
         h = last_valid(h, position_ids)  # [B,1,H]: the norm and head act per position
         logits = self.kv_logits(self.kv_final_norm(h)).float()  # [B,1,V]
@@ -226,7 +307,8 @@ class KVCausalLM:
                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write ``k, v [B,Hkv,S,D]`` into the caches ``[B,Hkv,C,D]``: (new caches, what attention reads)."""
         if self.kv_ops == "qaic":
-            return qaic_update(past_k, past_v, ctx["position_ids"], k, v)  # type: ignore[return-value]
+            invalid = 0 if self.kv_sub_functions else None  # QEfficient's InvalidIndexProvider
+            return qaic_update(past_k, past_v, ctx["position_ids"], k, v, invalid)  # type: ignore[return-value]
         past_k = ctx_scatter(past_k, ctx["position_ids"], k)
         past_v = ctx_scatter(past_v, ctx["position_ids"], v)
         return past_k, past_v, past_k, past_v

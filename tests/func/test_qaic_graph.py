@@ -7,7 +7,7 @@ the families QEfficient's CustomOpsTransform lists (reference 3.2, 5.3) is ``com
 the function bodies are standard ops, no ``-sub-functions`` is passed, and greedy decoding of that very
 graph in ONNX Runtime (left padding, chunked prefill) equals HF ``generate`` on the built weights. The
 onnxruntime build keeps the plain graph (another export key). Then bf16 on ai100 / ai200, the recorded
-hardware, and ``use_onnx_subfunctions``.
+hardware, and ``use_onnx_subfunctions`` (its export: test_qaic_subfunctions.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from qbuild.api import build, plan
-from qbuild.errors import ExportError
 from tests.conftest import ROOT
 from tests.func.test_kv_cache import PROMPTS, hf_greedy, kv_greedy, ort_step
 
@@ -161,7 +160,8 @@ def test_bf16_stays_bf16_on_ai200(sdk: Path, tmp_path: Path, monkeypatch: pytest
     assert not (compiled / "custom_io.yaml").exists()  # model and KV both bf16: no custom IO (QEfficient)
 
 
-def test_use_onnx_subfunctions_passes_the_flag_and_the_export_says_not_yet(sdk: Path, tmp_path: Path) -> None:
+def test_use_onnx_subfunctions_passes_the_flag_and_keys_another_export(sdk: Path, tmp_path: Path) -> None:
+    """The option in the command and the export key; the export itself: tests/func/test_qaic_subfunctions.py."""
     from qbuild.backends.qaic import QaicBackend
     from qbuild.manifest import compose
     from qbuild.store import Store
@@ -174,5 +174,3 @@ def test_use_onnx_subfunctions_passes_the_flag_and_the_export_says_not_yet(sdk: 
     assert "-sub-functions" in QaicBackend().describe(params)[1]
     p = plan(manifest, overrides, cache_dir=tmp_path / "cache")
     assert p.stage("export").key != plan(manifest, QAIC, cache_dir=tmp_path / "cache").stage("export").key
-    with pytest.raises(ExportError, match="compile.qaic.use_onnx_subfunctions: .* not yet implemented"):
-        build(manifest, overrides, cache_dir=tmp_path / "cache")
