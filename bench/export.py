@@ -12,6 +12,9 @@ For each model size, each measurement in a fresh process (a fresh cache too):
   as qbuild's export stage does.
 
 Goals (issue 16): export seconds qbuild / bare <= 1.10; whole cold build peak RSS / fp32 weight bytes <= 2.0.
+The interpreter's own footprint (a process that only imports torch, transformers, ONNX, ONNX Runtime and qbuild:
+~0.45 GB, 0.9x the 125M model's weights) is measured in the same run and printed beside it, as the peak above
+that baseline per weight byte: the part of the peak the build itself adds.
 
     python bench/export.py [--sizes 20m,125m] [--repeats 3] [--quick]
 """
@@ -30,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import format_facts, machine_facts  # noqa: E402
+
 MANIFEST = ROOT / "manifests" / "tiny-llama-kv.yaml"
 GOAL_RATIO, GOAL_RSS = 1.10, 2.0
 #: model.config overrides per size (Llama, untied head, grouped-query attention)
@@ -81,6 +88,16 @@ def qbuild_cold(size: str, cache: Path) -> dict[str, Any]:
     return row
 
 
+BASELINE_IMPORTS = ("import torch, torch.onnx, transformers.models.llama.modeling_llama, onnx, onnxruntime, "
+                    "qbuild.tasks.kv_causal_lm, qbuild.backends.onnxruntime")
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a process that imports what a cold build imports and does nothing else."""
+    _out, _wall, peak = _run([sys.executable, "-c", BASELINE_IMPORTS])
+    return peak
+
+
 def bare_export(model_dir: str, out: Path) -> dict[str, Any]:
     stdout, wall, peak = _run([sys.executable, str(Path(__file__).resolve()), "--bare", model_dir, str(out)])
     return {**json.loads(stdout.strip().splitlines()[-1]), "wall_s": wall, "peak_rss": peak}
@@ -121,8 +138,9 @@ def _fmt(values: list[float], unit: str = "") -> str:
 
 
 def measure(size: str, repeats: int) -> dict[str, Any]:
-    rows, bares = [], []
+    rows, bares, bases = [], [], []
     for i in range(repeats):
+        bases.append(baseline_rss())
         with tempfile.TemporaryDirectory(prefix="qbuild-bench-export-") as tmp:
             row = qbuild_cold(size, Path(tmp) / "cache")
             (Path(tmp) / "bare").mkdir()
@@ -138,11 +156,14 @@ def measure(size: str, repeats: int) -> dict[str, Any]:
     bare_s, bare_peak = [b["seconds"] for b in bares], [b["peak_rss"] for b in bares]
     ratio = [q / b for q, b in zip(col["export_s"], bare_s, strict=True)]
     rss = [p / w for p in col["peak_rss"]]
+    above = [(p - b) / w for p, b in zip(col["peak_rss"], bases, strict=True)]
     print(f"\n{size}: fp32 weights {w / 1e9:.3f} GB, {repeats} repeats            min   median")
     for label, values in (("qbuild load s", col["load_s"]), ("qbuild export s", col["export_s"]),
                           ("bare export s (load+onnx)", bare_s), ("  export ratio (goal <= 1.10)", ratio),
                           ("qbuild compile s", col["compile_s"]), ("qbuild cold build wall s", col["wall_s"]),
                           ("cold build peak RSS / weights (goal <= 2.0)", rss),
+                          ("  interpreter baseline RSS / weights", [b / w for b in bases]),
+                          ("  cold build (peak - baseline) / weights", above),
                           ("export (peak - start) RSS / weights", delta),
                           ("bare peak RSS / weights", [p / w for p in bare_peak])):
         print(f"  {label:44s} {_fmt(values)}")
@@ -150,6 +171,8 @@ def measure(size: str, repeats: int) -> dict[str, Any]:
             "bare_export_s": _stats(bare_s)[1], "export_ratio": round(_stats(ratio)[1], 3),
             "export_ratio_min": round(_stats(ratio)[0], 3), "compile_s": _stats(col["compile_s"])[1],
             "wall_s": round(_stats(col["wall_s"])[1], 2), "peak_rss_ratio": round(_stats(rss)[1], 3),
+            "peak_rss_ratio_min": round(_stats(rss)[0], 3), "baseline_rss_bytes": int(_stats(bases)[1]),
+            "peak_above_baseline_ratio": round(_stats(above)[1], 3),
             "export_delta_rss_ratio": round(_stats(delta)[1], 3),
             "bare_peak_rss_ratio": round(_stats([p / w for p in bare_peak])[1], 3), "repeats": repeats}
 
@@ -170,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown size(s) {unknown}; known: {list(SIZES)}")
     repeats = a.repeats or (2 if a.quick else 3)
     load_before = os.getloadavg()
+    facts = machine_facts()
+    print(format_facts(facts))
     results = {s: measure(s, repeats) for s in sizes}
     load_after = os.getloadavg()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores shared: compare medians)")
@@ -177,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     for size, r in results.items():
         line.update({f"{size}_{k}": (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     line["loadavg"] = [round(x, 2) for x in (*load_before[:1], *load_after[:1])]
+    line["machine"] = facts
     print(json.dumps(line))
 
 

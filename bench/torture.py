@@ -45,6 +45,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import format_facts, machine_facts  # noqa: E402
+
 MANIFEST = ROOT / "manifests" / "tiny-llama.yaml"
 # the cheapest build that still runs all four stages: one 8-token bucket, one verify sequence
 OVERRIDES = ("seq.lengths=[8]", "seq.ctx_len=16", "verify.seq_len=8", "verify.batch_size=1",
@@ -487,6 +491,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="qbuild-torture-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
+        print(format_facts(machine_facts()))
         print(f"torture: {args.kills} kills, seed {args.seed}, {args.loops} loops, "
               f"{'exec' if args.exec else 'fork'} builds", flush=True)
         ref, kills = torture(args.kills, args.seed, args.loops, launcher, work, progress)
@@ -505,7 +510,8 @@ def main() -> None:
     print(f"corrupt caches: {fig['corrupt']}   failed next builds: {fig['failed_rebuilds']}   "
           f"{seconds:.1f}s ({seconds / max(1, len(kills)):.2f}s per kill)")
     print(json.dumps({"bench": "torture", **fig, "seed": args.seed, "loops": args.loops,
-                      "mode": "exec" if args.exec else "fork", "reference_build_s": round(ref.total, 3)}))
+                      "mode": "exec" if args.exec else "fork", "reference_build_s": round(ref.total, 3),
+                      "machine": machine_facts()}))
     if fig["corrupt"] or fig["failed_rebuilds"]:
         sys.exit(1)
 
