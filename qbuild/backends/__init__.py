@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 _BACKENDS = {
     "onnxruntime": "qbuild.backends.onnxruntime:OrtBackend",
     "qaic": "qbuild.backends.qaic:QaicBackend",
+    "qnn": "qbuild.backends.qnn:QnnBackend",
 }
 
 
@@ -84,6 +85,9 @@ def resolve_backend(m: Manifest) -> tuple[Backend, str]:
     wanted = m.compile.backend
     if wanted == "onnxruntime":
         return get_backend("onnxruntime"), "compile.backend: onnxruntime"
+    if wanted == "qnn":  # chosen by name only: auto never picks it
+        qnn = get_backend("qnn")
+        return qnn, f"compile.backend: qnn ({qnn.available(m)[1]})"
     qaic = get_backend("qaic")
     found, why = qaic.available(m)
     if wanted == "auto":

@@ -100,8 +100,9 @@ def task_exports_qaic_graph(task: Task) -> bool:
 
 
 def targets_qaic(m: Manifest) -> bool:
-    """Whether ``m`` compiles with qaic (``compile.backend: auto`` asks this machine, as the compile stage does)."""
-    if m.compile.backend == "qaic":
+    """Whether ``m`` compiles with qaic, or with qnn (QEfficient's QNN path converts the same graph);
+    ``compile.backend: auto`` asks this machine, as the compile stage does."""
+    if m.compile.backend in ("qaic", "qnn"):
         return True
     if m.compile.backend != "auto":
         return False
@@ -117,11 +118,12 @@ def export_graph(m: Manifest) -> QaicGraph | None:
     if not targets_qaic(m):
         return None
     dtype = None
+    qnn = m.compile.backend == "qnn"  # the QNN backend JSON's compiler_hardware_version "2.0" is ai100
     if m.model.dtype == "bfloat16":
-        hw = qaic_sdk.detect_hardware(m, qaic_sdk.discover(m)).version
+        hw = "ai100" if qnn else qaic_sdk.detect_hardware(m, qaic_sdk.discover(m)).version
         dtype = qaic_command.export_dtype(m.model.dtype, hw)
         dtype = None if dtype == m.model.dtype else dtype
-    return QaicGraph(dtype, m.compile.qaic.use_onnx_subfunctions)
+    return QaicGraph(dtype, m.compile.qaic.use_onnx_subfunctions and not qnn)
 
 
 class QaicBackend(Backend):

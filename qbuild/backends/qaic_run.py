@@ -1,4 +1,5 @@
-"""Running the qaic compiler: output streamed to a log and to progress, a timeout, Ctrl-C kills it.
+"""Running the qaic compiler (and the qnn backend's two tools): output streamed to a log and to progress, a
+timeout, Ctrl-C kills it.
 
 The compiler runs in its own session (process group), so a timeout or an interrupt ends it and any
 helper it started; nothing is published because the executor removes the staging directory on any
@@ -52,8 +53,12 @@ def _kill(proc: subprocess.Popen[bytes], grace_s: float = 3.0) -> None:
 
 
 def run_compiler(cmd: list[str], *, log_path: Path, timeout_s: float,
-                 progress: Callable[[str, float | None], None]) -> float:
-    """Run ``cmd`` to completion; return its wall time. Raise ``CompileError`` on failure or timeout."""
+                 progress: Callable[[str, float | None], None], tool: str = "the qaic compiler",
+                 timeout_key: str = "compile.qaic.timeout_s") -> float:
+    """Run ``cmd`` to completion; return its wall time. Raise ``CompileError`` on failure or timeout.
+
+    ``tool`` names the program in messages, ``timeout_key`` the manifest key of the limit (other backends,
+    e.g. qnn's two tools, run through this same runner)."""
     t0 = time.monotonic()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(log_path, "w", encoding="utf-8") as log:
@@ -63,14 +68,14 @@ def run_compiler(cmd: list[str], *, log_path: Path, timeout_s: float,
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
-            raise CompileError(f"cannot start the qaic compiler: {exc}", command=cmd) from exc
+            raise CompileError(f"cannot start {tool}: {exc}", command=cmd) from exc
         assert proc.stdout is not None
         lines: queue.Queue[str | None] = queue.Queue()
         reader = threading.Thread(target=_pump, args=(proc.stdout, log, lines), daemon=True)
         reader.start()
         try:
-            _follow(proc, lines, tail, (t0, timeout_s), progress)
-            _wait(proc, tail, (t0, timeout_s))
+            _follow(proc, lines, tail, (t0, timeout_s), progress, (tool, timeout_key))
+            _wait(proc, tail, (t0, timeout_s), (tool, timeout_key))
         except BaseException:  # timeout, Ctrl-C, anything: the compiler must not outlive us
             _kill(proc)
             reader.join(timeout=5)
@@ -80,19 +85,20 @@ def run_compiler(cmd: list[str], *, log_path: Path, timeout_s: float,
     seconds = time.monotonic() - t0
     if proc.returncode == 0:
         return seconds
-    raise CompileError(f"the qaic compiler failed (exit code {proc.returncode}) after {seconds:.1f} s",
+    raise CompileError(f"{tool} failed (exit code {proc.returncode}) after {seconds:.1f} s",
                        command=cmd, returncode=proc.returncode, output_tail="\n".join(tail))
 
 
 def _follow(proc: subprocess.Popen[bytes], lines: queue.Queue[str | None], tail: deque[str],
-            budget: tuple[float, float], progress: Callable[[str, float | None], None]) -> None:
+            budget: tuple[float, float], progress: Callable[[str, float | None], None],
+            names: tuple[str, str] = ("the qaic compiler", "compile.qaic.timeout_s")) -> None:
     """Drain output until the compiler's output is closed, or the time budget (start, seconds) is spent."""
     deadline = budget[0] + budget[1]
     last_report, pending, ended = 0.0, None, False
     while not ended:
         now = time.monotonic()
         if now > deadline:
-            _timed_out(proc, tail, budget[1])
+            _timed_out(proc, tail, budget[1], names)
         try:
             line = lines.get(timeout=min(0.2, max(deadline - now, 0.01)))
         except queue.Empty:
@@ -107,18 +113,21 @@ def _follow(proc: subprocess.Popen[bytes], lines: queue.Queue[str | None], tail:
             last_report, pending = time.monotonic(), None
 
 
-def _wait(proc: subprocess.Popen[bytes], tail: deque[str], budget: tuple[float, float]) -> None:
+def _wait(proc: subprocess.Popen[bytes], tail: deque[str], budget: tuple[float, float],
+          names: tuple[str, str] = ("the qaic compiler", "compile.qaic.timeout_s")) -> None:
     """Wait for the exit after the output closed, within the time budget."""
     try:
         proc.wait(timeout=max(budget[0] + budget[1] - time.monotonic(), 0.01))
     except subprocess.TimeoutExpired:
-        _timed_out(proc, tail, budget[1])
+        _timed_out(proc, tail, budget[1], names)
 
 
-def _timed_out(proc: subprocess.Popen[bytes], tail: deque[str], timeout_s: float) -> None:
+def _timed_out(proc: subprocess.Popen[bytes], tail: deque[str], timeout_s: float,
+               names: tuple[str, str] = ("the qaic compiler", "compile.qaic.timeout_s")) -> None:
+    tool, key = names
     _kill(proc)
     cmd = [str(a) for a in proc.args]  # type: ignore[union-attr]
-    raise CompileError(f"the qaic compiler ran past compile.qaic.timeout_s={timeout_s:g} s and was killed",
+    raise CompileError(f"{tool} ran past {key}={timeout_s:g} s and was killed",
                        command=cmd,
                        returncode=proc.returncode, output_tail="\n".join(tail),
-                       hint="raise compile.qaic.timeout_s if the model needs longer")
+                       hint=f"raise {key} if the model needs longer")

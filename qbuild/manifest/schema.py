@@ -107,6 +107,30 @@ class QaicSpec:
 
 
 @dataclass(frozen=True)
+class QnnSpec:
+    """QNN tool chain settings (used only by the qnn backend): QEfficient's ``enable_qnn`` compile path."""
+
+    sdk_dir: str | None = _f(None, content=True, help="QNN SDK root; default $QNN_SDK_ROOT")
+    config: str | None = _f(None, content=True, help="a QEfficient qnn_config JSON file (converter_args_extension, "
+                                                     "context_binary_generator_args_extension, "
+                                                     "qnn_compilation_backend); its content is keyed")
+    num_cores: int = _f(16, min=1, max=64, help="compiler_num_of_cores: NSP cores per device")
+    mxfp6_matmul: bool = _f(False, help="compiler_mxfp6_matmul_weights")
+    mxint8_kv_cache: bool = _f(False, help="MXINT8 retained-state KV: uint8 in the custom IO config and "
+                                           "qnn_data_format_config.json")
+    num_devices: int = _f(1, min=1, help="devices 0..N-1; more than one writes tensor_slicing.json")
+    aic_enable_depth_first: bool = _f(False, help="compiler_enable_depth_first")
+    mos: int | None = _f(None, min=1, help="compiler_max_out_channel_split")
+    allow_mxint8_mdp_io: bool = _f(False, help="compiler_mxint8_mdp_io")
+    converter_args_extension: str = _f("", help="arguments appended to the qairt-converter command")
+    context_binary_generator_args_extension: str = _f("", help="arguments appended to the "
+                                                               "qnn-context-binary-generator command")
+    compilation_backend: dict[str, Any] = _f(factory=dict, help="entries merged over qnn_compile_backend.json "
+                                                                "(QEfficient's qnn_compilation_backend)")
+    timeout_s: int = _f(7200, min=1, key=False)  # a limit on each tool's run, not an input to it
+
+
+@dataclass(frozen=True)
 class OnnxRuntimeSpec:
     """ONNX Runtime settings (used only by the onnxruntime backend)."""
 
@@ -121,9 +145,10 @@ class OnnxRuntimeSpec:
 class CompileSpec:
     """The backend, and one settings group per backend (no key means two things)."""
 
-    backend: str = _f("onnxruntime", choices=["onnxruntime", "qaic", "auto"])
+    backend: str = _f("onnxruntime", choices=["onnxruntime", "qaic", "auto", "qnn"])
     onnxruntime: OnnxRuntimeSpec = _f(factory=OnnxRuntimeSpec)
     qaic: QaicSpec = _f(factory=QaicSpec)
+    qnn: QnnSpec = _f(factory=QnnSpec)
 
 
 @dataclass(frozen=True)
@@ -148,6 +173,8 @@ class CacheSpec:
     remote: str | None = _f(None, key=False, help="remote cache shared by several local caches: a directory, "
                                                   "file:// or fsspec URL (s3://bucket/prefix); --remote wins "
                                                   "over it, $QBUILD_REMOTE is used when neither is set")
+
+
 
 
 @dataclass(frozen=True)

@@ -252,6 +252,7 @@ def check_manifest(m: Manifest) -> None:
     _check_cache(m)
     _check_name(m)
     _check_qaic(m)
+    _check_qnn(m)
 
 
 MAX_NAME = 200
@@ -290,6 +291,16 @@ def _check_qaic(m: Manifest) -> None:
         raise ManifestError(f"compile.qaic.device_group: {len(q.device_group)} cards {q.device_group} but "
                             f"compile.qaic.num_devices={q.num_devices}; set compile.qaic.num_devices="
                             f"{len(q.device_group)}", key="compile.qaic.device_group")
+
+
+def _check_qnn(m: Manifest) -> None:
+    """``compile.qnn``: the argument extensions split, hold no flag qbuild sets, and
+    ``compile.qnn.compilation_backend`` sets no key that has its own option (``qnn_command.check_manifest``)."""
+    q = m.compile.qnn
+    if q.converter_args_extension or q.context_binary_generator_args_extension or q.compilation_backend:
+        from qbuild.backends.qnn_command import check_manifest
+
+        check_manifest(m)
 
 
 def _check_model(m: Manifest) -> None:

@@ -1,6 +1,8 @@
-"""The stage graph for a manifest: load -> export (transforms applied in memory) -> compile -> verify."""
+"""The stage graph for a manifest: load -> [finetune] -> export (transforms applied in memory) -> compile -> verify."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from qbuild.manifest.schema import Manifest
 from qbuild.stages.base import Stage
@@ -26,6 +28,12 @@ def stages_for(m: Manifest) -> tuple[list[Stage], list[str]]:
         stages.append(VerifyStage(task))
     for stage in stages[1:]:  # the manifest values that chose the task (and the backend) shape these stages
         stage.selected_by = {**task_reads, **(backend_reads if stage.name == "compile" else {})}
+    if m.finetune.method != "none":  # only then: finetune=none leaves the graph and every key as they were
+        from qbuild.stages.finetune import FinetuneStage
+
+        stages.insert(1, FinetuneStage())
+        stages[1].selected_by = {"finetune.method": m.finetune.method}  # export on follows it (upstream)
+        stages[2].upstream = ("load", "finetune")  # export reads the merged weights
     return stages, [why, *ignored_settings(m, backend.name, task.name)]
 
 
@@ -35,7 +43,10 @@ def ignored_settings(m: Manifest, backend: str, task: str) -> list[str]:
     import json
 
     notes = []
-    for group in ("onnxruntime", "qaic"):
+    if m.finetune.method == "none":
+        notes += [f"finetune.{k}: {json.dumps(v, default=str)} is not used: finetune.method is none"
+                  for k, v in _changed_fields(m.finetune).items()]
+    for group in ("onnxruntime", "qaic", "qnn"):
         if group == backend:
             continue
         spec = getattr(m.compile, group)
@@ -45,6 +56,23 @@ def ignored_settings(m: Manifest, backend: str, task: str) -> list[str]:
             if value != default:
                 shown = json.dumps(value, default=str)
                 notes.append(f"compile.{group}.{f.name}: {shown} is not used: the compile backend is {backend}")
-    if backend == "qaic" and m.compile.qaic.mxint8_kv_cache and task != "causal_lm_kv":
-        notes.append("compile.qaic.mxint8_kv_cache: not used: this model has no KV cache (add transforms=kv_cache)")
+    if backend in ("qaic", "qnn") and getattr(m.compile, backend).mxint8_kv_cache and task != "causal_lm_kv":
+        notes.append(f"compile.{backend}.mxint8_kv_cache: not used: this model has no KV cache "
+                     "(add transforms=kv_cache)")
     return notes
+
+
+def _changed_fields(spec: Any, prefix: str = "") -> dict[str, Any]:
+    """The fields of a settings group (nested groups flattened) that differ from their defaults."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _changed_fields(value, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if value != default:
+            out[prefix + f.name] = value
+    return out
