@@ -52,10 +52,11 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _register_own_models() -> None:
-    """Architectures transformers lacks, implemented in qbuild (model_type grok-1)."""
-    from qbuild.models import grok1
+    """Architectures transformers lacks, implemented in qbuild (model_types grok-1, llama_swiftkv)."""
+    from qbuild.models import grok1, llama_swiftkv
 
     grok1.register()
+    llama_swiftkv.register()
 
 
 def _make_config(architecture: str, overrides: dict[str, Any]) -> Any:

@@ -139,7 +139,8 @@ def source_files(model: ModelRef, tok: TokenizerRef, stats: StatCache) -> dict[s
 class LoadStage(Stage):
     name = "load"
     upstream = ()
-    code = ("stages/load.py", "models/source.py", "models/tokenizer.py", "models/grok1*.py")
+    code = ("stages/load.py", "models/source.py", "models/tokenizer.py", "models/grok1*.py",
+            "models/llama_swiftkv*.py")
     tools = ("torch", "transformers", "tokenizers")
 
     def resolve(self, m: Manifest, stats: StatCache) -> Resolved:

@@ -43,6 +43,7 @@ FAMILIES: dict[str, str] = {
     "gemma3_text": "qbuild.transforms.models.gemma3:KVGemma3",
     "llama4_text": "qbuild.transforms.models.llama4:KVLlama4",
     "grok-1": "qbuild.transforms.models.grok1:KVGrok1",
+    "llama_swiftkv": "qbuild.transforms.models.llama_swiftkv:KVLlamaSwiftKV",
 }
 
 _SWAPPED: dict[tuple[type, type], type] = {}

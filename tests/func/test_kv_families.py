@@ -42,6 +42,17 @@ def test_grok1_legacy(tmp_path: Path) -> None:
     assert result["reports"][-1]["family"] == "grok1"
 
 
+def test_llama_swiftkv_legacy(tmp_path: Path) -> None:
+    """SwiftKV: later layers' caches from norm_swiftkv after layer 1, later layers for the last token only; the
+    reference is our eager SwiftKV model's generate."""
+    from qbuild.models.llama_swiftkv import register
+
+    register()  # transformers has no SwiftKV: our own modelling code, registered by model_type
+    result = check_family("llama-swiftkv", tmp_path)
+    assert result["reports"][-1]["family"] == "llama_swiftkv" and result["info"]["num_layers"] == 4
+    assert result["reports"][-1]["num_key_value_layers"] == 2
+
+
 def test_family_features_are_exercised() -> None:
     """The tiny configs keep what makes each family distinct (else the tests above prove less)."""
     mistral, qwen2, gemma3 = tiny_model("mistral"), tiny_model("qwen2"), tiny_model("gemma3")
