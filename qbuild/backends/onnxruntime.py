@@ -235,6 +235,7 @@ class OrtOptions:
     quantize: str
     specializations: tuple[dict[str, Any], ...]
     task: str
+    quantize_min_cosine: float | None = None
 
 
 class OrtBackend(Backend):
@@ -245,7 +246,7 @@ class OrtBackend(Backend):
     def resolve(self, m: Manifest, task: Task, stats: StatCache) -> OrtOptions:
         c = m.compile.onnxruntime
         return OrtOptions(c.threads, c.graph_optimization, c.session, c.quantize, tuple(task.specializations(m)),
-                          task.name)
+                          task.name, c.quantize_min_cosine if c.quantize == "int8" else None)
 
     def inexact(self, o: OrtOptions) -> str | None:
         if o.quantize == "none":
@@ -259,6 +260,9 @@ class OrtBackend(Backend):
         if o.quantize != "none":
             kind = "dynamic int8 (MatMulInteger)" if o.quantize == "int8" else "int4 MatMulNBits, block 32"
             lines.append(f"onnxruntime: weights quantised to {kind} before optimisation")
+            if o.quantize_min_cosine is not None:
+                lines.append(f"onnxruntime: the most sensitive MatMuls kept in fp32 (measured one by one) until the "
+                             f"minimum output cosine to fp32 reaches {o.quantize_min_cosine}")
         if o.specializations:
             how = {"auto": "fixed-shape or dynamic sessions, chosen by measurement",
                    "fixed": "one fixed-shape session each", "dynamic": "one dynamic session"}[o.session]
@@ -275,7 +279,10 @@ class OrtBackend(Backend):
             quant: dict[str, Any] = {}
             if o.quantize != "none":
                 ctx.progress(f"quantising weights ({o.quantize})", None)
-                quant = ort_quantize.quantize(onnx, Path(tmp) / "model.onnx", o.quantize)
+                calibration = (task.calibration_inputs(specs, vocab) if o.quantize_min_cosine is not None else [])
+                quant = ort_quantize.quantize(onnx, Path(tmp) / "model.onnx", o.quantize,
+                                              min_cosine=o.quantize_min_cosine, calibration=calibration,
+                                              optimization=o.graph_optimization)
                 onnx = Path(tmp) / "model.onnx"
             ctx.progress("optimising with ONNX Runtime", None)
             if specs and o.session == "auto":

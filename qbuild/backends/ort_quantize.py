@@ -1,7 +1,17 @@
-"""Weight quantisation for the ONNX Runtime backend: int8 dynamic (MatMulInteger) and int4 MatMulNBits."""
+"""Weight quantisation for the ONNX Runtime backend: int8 dynamic (MatMulInteger) and int4 MatMulNBits.
+
+int8 with a cosine floor (``compile.onnxruntime.quantize_min_cosine``) chooses by measurement which MatMuls stay
+in fp32: every MatMul's sensitivity is measured alone (only it quantised: 1 - the mean cosine of the outputs to
+the fp32 model's on the calibration inputs), then the most sensitive are kept in fp32, one at a time, until the
+minimum cosine of the whole quantised model reaches the floor. On all-MiniLM-L6-v2 the two FFN output
+projections of layers 0 and 2 come first (on random tokens as on text) and keeping them lifts the minimum
+cosine to sentence-transformers from 0.985 to 0.992 on 256 texts. It costs one quantisation per MatMul, once.
+"""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +20,22 @@ from qbuild.errors import CompileError
 INT4_BLOCK = 32
 
 
-def quantize(onnx_path: Path, out_path: Path, mode: str) -> dict[str, Any]:
-    """Write a weight-quantised copy of ``onnx_path`` to ``out_path`` (external data beside it)."""
+def quantize(onnx_path: Path, out_path: Path, mode: str, *, min_cosine: float | None = None,
+             calibration: Sequence[Mapping[str, Any]] = (), optimization: str = "extended") -> dict[str, Any]:
+    """Write a weight-quantised copy of ``onnx_path`` to ``out_path`` (external data beside it); int8 with
+    ``min_cosine`` keeps the most sensitive MatMuls in fp32 until the outputs on ``calibration`` reach it
+    (both models run with the artifact's graph ``optimization``: fusions change int8 numerics)."""
     import onnx
 
+    search: dict[str, Any] = {}
     try:
-        if mode == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(onnx_path, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             per_channel=True, use_external_data_format=True)
+        if mode == "int8" and min_cosine is not None:
+            if not calibration:
+                raise CompileError("compile.onnxruntime.quantize_min_cosine: the task gives no calibration inputs "
+                                   "to measure the cosine on", hint="unset it (null) for this model")
+            search = _int8_to_cosine(onnx_path, out_path, min_cosine, calibration, optimization)
+        elif mode == "int8":
+            _int8(onnx_path, out_path)
         elif mode == "int4":
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -35,4 +51,66 @@ def quantize(onnx_path: Path, out_path: Path, mode: str) -> dict[str, Any]:
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     model = onnx.load(str(out_path), load_external_data=False)
     ops = sorted({n.op_type for n in model.graph.node})
-    return {"quantize": mode, "ops": ops, "block_size": INT4_BLOCK if mode == "int4" else None}
+    return {"quantize": mode, "ops": ops, "block_size": INT4_BLOCK if mode == "int4" else None, **search}
+
+
+def _int8(onnx_path: Path, out_path: Path, exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(onnx_path, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True, use_external_data_format=True, nodes_to_exclude=list(exclude),
+                     nodes_to_quantize=list(only) if only is not None else None)
+
+
+_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def _outputs(model: Path, calibration: Sequence[Mapping[str, Any]], optimization: str) -> list[Any]:
+    """The first output of ``model`` per calibration feed, rows flattened: ``[rows, -1]``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
+    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    return [session.run(None, dict(feed))[0].reshape(len(next(iter(feed.values()))), -1) for feed in calibration]
+
+
+def cosines(reference: Sequence[Any], got: Sequence[Any]) -> Any:
+    """Cosine similarity of each row of ``got`` to the same row of ``reference`` (all feeds concatenated)."""
+    import numpy as np
+
+    a, b = np.concatenate(list(reference)).astype(np.float64), np.concatenate(list(got)).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(norms, 1e-30)
+
+
+def _int8_to_cosine(onnx_path: Path, out_path: Path, floor: float, calibration: Sequence[Mapping[str, Any]],
+                    optimization: str) -> dict[str, Any]:
+    """int8 with the fewest most-sensitive MatMuls in fp32 such that the minimum cosine reaches ``floor``."""
+    import onnx
+
+    reference = _outputs(onnx_path, calibration, optimization)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # what int8 quantises
+    _int8(onnx_path, out_path)
+    measured = [float(cosines(reference, _outputs(out_path, calibration, optimization)).min())]
+    kept: list[str] = []
+    if measured[0] < floor:
+        with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+            alone = Path(tmp) / "model.onnx"
+            sensitivity = {}
+            for name in matmuls:
+                _int8(onnx_path, alone, only=[name])
+                sensitivity[name] = 1.0 - float(cosines(reference, _outputs(alone, calibration, optimization)).mean())
+        for name in sorted(matmuls, key=lambda n: -sensitivity[n]):
+            kept.append(name)
+            _int8(onnx_path, out_path, exclude=kept)
+            measured.append(float(cosines(reference, _outputs(out_path, calibration, optimization)).min()))
+            if measured[-1] >= floor:
+                break
+    rows = sum(len(next(iter(f.values()))) for f in calibration)
+    return {"min_cosine_floor": floor, "min_cosine": measured[-1], "min_cosine_all_int8": measured[0],
+            "kept_fp32": kept, "matmuls": len(matmuls),
+            "calibration_rows": rows}

