@@ -40,11 +40,14 @@ _QAIC: dict[str, tuple[str, tuple[type, ...], str]] = {
     "node_precision_info": ("compile.qaic.node_precision_info", (str, os.PathLike, type(None)), "a path or None"),
     "device_group": ("compile.qaic.device_group", (list, tuple, type(None)), "a list of card ids or None"),
     "extra_flags": ("compile.qaic.extra_flags", (dict,), "a dict of compiler flags"),
+    "use_onnx_subfunctions": ("compile.qaic.use_onnx_subfunctions", (bool,), "a bool"),
 }
+#: with ``enable_qnn=True`` these compiler keywords go to ``compile.qnn`` (QEfficient's qnn path takes them too)
+_QNN_SHARED = ("num_cores", "num_devices", "mxfp6_matmul", "mos", "aic_enable_depth_first")
+_QNN_ARGS = ("enable_qnn", "qnn_config")
 #: QEfficient compile keywords that qbuild does not support yet, with the default that asks for nothing
 _COMPILE_NOT_YET: dict[str, Any] = {
-    "use_onnx_subfunctions": False, "offload_pt_weights": True, "specializations": None,
-    "mdp_load_partition_config": None, "enable_qnn": False, "qnn_config": None,
+    "offload_pt_weights": True, "specializations": None, "mdp_load_partition_config": None,
 }
 _CAUSAL_NOT_YET: dict[str, Any] = {
     "full_batch_size": None, "kv_cache_batch_size": None, "num_speculative_tokens": None, "prefill_only": None,
@@ -194,15 +197,35 @@ class QEFFTransformersBase:
         """Manifest keys of the backend and compiler keywords given (QEfficient's names)."""
         out: dict[str, Any] = {}
         backend = kwargs.pop("backend", "auto")
-        if backend not in ("qaic", "onnxruntime", "auto"):
-            raise ManifestError(f"{where}: backend={backend!r}; choose qaic, onnxruntime or auto", key="backend")
+        if backend not in ("qaic", "onnxruntime", "auto", "qnn"):
+            raise ManifestError(f"{where}: backend={backend!r}; choose qaic, onnxruntime, qnn or auto", key="backend")
+        enable_qnn, qnn_config = kwargs.pop("enable_qnn", False), kwargs.pop("qnn_config", None)
+        check_type(where, "enable_qnn", enable_qnn, (bool,), "a bool")
+        check_type(where, "qnn_config", qnn_config, (str, os.PathLike, type(None)), "a path or None")
+        if qnn_config is not None and not enable_qnn and backend != "qnn":
+            raise ManifestError(f"{where}: qnn_config is for the QNN path; pass enable_qnn=True too", key="qnn_config")
+        if enable_qnn:
+            if backend not in ("auto", "qnn"):
+                raise ManifestError(f"{where}: enable_qnn=True compiles with QNN, but backend={backend!r}",
+                                    key="enable_qnn", hint="drop backend= or set backend='qnn'")
+            backend = "qnn"
+            self._arguments["compile.backend"] = "enable_qnn"
+        else:
+            self._arguments["compile.backend"] = "backend"
         out["compile.backend"] = backend
-        self._arguments["compile.backend"] = "backend"
+        if qnn_config is not None:
+            out["compile.qnn.config"] = os.fspath(qnn_config)
+            self._arguments["compile.qnn.config"] = "qnn_config"
         for name, (key, kinds, what) in _QAIC.items():
             if name in kwargs:
                 value = kwargs.pop(name)
                 check_type(where, name, value, kinds, what)
                 value = os.fspath(value) if isinstance(value, os.PathLike) else value
+                if backend == "qnn":
+                    if name not in _QNN_SHARED:
+                        raise ManifestError(f"{where}: {name} is a qaic-exec setting the QNN path does not take",
+                                            key=name, hint=f"QNN takes: {', '.join(_QNN_SHARED)}, qnn_config")
+                    key = key.replace("compile.qaic.", "compile.qnn.")
                 out[key] = list(value) if isinstance(value, tuple) else value
                 self._arguments[key] = name
         ort = kwargs.pop("onnxruntime", None)
@@ -298,7 +321,7 @@ class QEFFAutoModel(QEFFTransformersBase):
         Returns the compiled artifact's directory."""
         where = "QEFFAutoModel.compile"
         self._check_compile_paths(where, onnx_path, compile_dir)
-        check_kwargs(where, kwargs, [*_QAIC, "backend", "onnxruntime", "verify"], _COMPILE_NOT_YET)
+        check_kwargs(where, kwargs, [*_QAIC, *_QNN_ARGS, "backend", "onnxruntime", "verify"], _COMPILE_NOT_YET)
         self.compile_arguments = {"seq_len": seq_len, "batch_size": batch_size, **kwargs}
         lengths = int_list(where, "seq_len", seq_len)
         check_type(where, "batch_size", batch_size, (int,), "an int")
@@ -344,7 +367,7 @@ class QEFFAutoModelForCausalLM(QEFFTransformersBase):
         Returns the compiled artifact's directory."""
         where = "QEFFAutoModelForCausalLM.compile"
         self._check_compile_paths(where, onnx_path, compile_dir)
-        check_kwargs(where, kwargs, [*_QAIC, "backend", "onnxruntime", "verify"],
+        check_kwargs(where, kwargs, [*_QAIC, *_QNN_ARGS, "backend", "onnxruntime", "verify"],
                      {**_COMPILE_NOT_YET, **_CAUSAL_NOT_YET})
         self.compile_arguments = {"prefill_seq_len": prefill_seq_len, "ctx_len": ctx_len, "batch_size": batch_size,
                                   "mxint8_kv_cache": mxint8_kv_cache, **kwargs}
@@ -355,7 +378,7 @@ class QEFFAutoModelForCausalLM(QEFFTransformersBase):
         settings = {"seq.lengths": lengths, "seq.ctx_len": ctx_len, "seq.batch_size": batch_size,
                     **self._qaic_settings(where, kwargs)}
         if mxint8_kv_cache:
-            settings["compile.qaic.mxint8_kv_cache"] = True
+            settings[f"compile.{'qnn' if settings['compile.backend'] == 'qnn' else 'qaic'}.mxint8_kv_cache"] = True
         self._arguments.update({"seq.lengths": "prefill_seq_len", "seq.ctx_len": "ctx_len",
                                 "seq.batch_size": "batch_size", "compile.qaic.mxint8_kv_cache": "mxint8_kv_cache"})
         self._set_compile(settings)

@@ -109,11 +109,18 @@ def test_unknown_and_unsupported_keywords_are_named(model_dir: Path, tmp_path: P
     e = _raises("^num_cores: compile.qaic.num_cores", model.compile, num_cores=0)  # the schema's range, by name
     assert e.key == "num_cores"
     _raises("mxint8_kv_cache", model.compile, mxint8_kv_cache=True)  # an encoder has no KV cache
-    _raises("backend='gpu'; choose qaic, onnxruntime or auto", model.compile, backend="gpu")
+    _raises("backend='gpu'; choose qaic, onnxruntime, qnn or auto", model.compile, backend="gpu")
     _raises("compile_dir=", model.compile, compile_dir="/tmp/x")
     _raises("seq_len must be an int or a list of ints", model.compile, seq_len=[32, "64"])
     _raises("onnxruntime.*thread", model.compile, onnxruntime={"thread": 1})
-    _raises("use_onnx_subfunctions=True is not supported by qbuild yet", model.compile, use_onnx_subfunctions=True)
+    _raises("ols is a qaic-exec setting the QNN path does not take", model.compile, enable_qnn=True, ols=2)
+    _raises("enable_qnn=True compiles with QNN, but backend='qaic'", model.compile, enable_qnn=True, backend="qaic")
+    _raises("qnn_config is for the QNN path", model.compile, qnn_config="q.json")
+    # QEfficient's QNN and subfunction keywords land on the manifest keys the backends read
+    assert model._qaic_settings("t", {"enable_qnn": True, "num_cores": 8, "qnn_config": "q.json"}) == {
+        "compile.backend": "qnn", "compile.qnn.num_cores": 8, "compile.qnn.config": "q.json"}
+    assert model._qaic_settings("t", {"use_onnx_subfunctions": True}) == {
+        "compile.backend": "auto", "compile.qaic.use_onnx_subfunctions": True}
 
     llama = tmp_path / "tiny-llama"
     llama.mkdir()
