@@ -30,6 +30,9 @@ from qbuild.manifest.schema import Manifest
 from qbuild.manifest.validate import moved_key_error, suggest, to_manifest
 
 SHIPPED_CONF = "pkg://qbuild.conf"
+#: groups that are off unless chosen and that no manifest needs to list: ``finetune=lora`` selects one
+#: without Hydra's ``+`` (other groups keep Hydra's rule, and its hint)
+APPENDED_GROUPS = frozenset({"finetune"})
 _PLUGIN = "hydra_plugins.qbuild_searchpath.QBuildSearchPathPlugin"
 _SUFFIXES = (".yaml", ".yml", ".toml")
 _LOCK = threading.Lock()  # Hydra's state (GlobalHydra, ConfigStore) is process-global
@@ -229,12 +232,14 @@ def _schema_groups() -> frozenset[str]:
     return frozenset(k for k, tp in get_type_hints(Manifest).items() if is_dataclass(tp))
 
 
-def _hydra_overrides(overrides: list[str], loader: Any) -> list[str]:
+def _hydra_overrides(overrides: list[str], loader: Any, config_name: str | None = None) -> list[str]:
     """Rewrite plain ``key=value`` to ``++key=value`` so keys absent from the composed config work.
 
     ``verify.seq_len=8`` should work although the manifest never mentions ``verify`` (the schema
     supplies the default), and an unknown key should reach the validator (with its did-you-mean)
-    rather than fail as a Hydra struct error. Group overrides (``model=x``) are left alone.
+    rather than fail as a Hydra struct error. Group overrides (``model=x``) are left alone, except those
+    of :data:`APPENDED_GROUPS` that the manifest's defaults list does not select (``finetune=lora`` on a
+    manifest without ``finetune``): they are appended (``+finetune=lora``), as Hydra requires.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
@@ -247,10 +252,21 @@ def _hydra_overrides(overrides: list[str], loader: Any) -> list[str]:
         plain = ov.type is OverrideType.CHANGE and ov.package is None and not ov.is_hydra_override()
         if is_group and not ov.is_delete():
             _check_choice(text, key, ov.value(), loader)
+        if plain and key in APPENDED_GROUPS and config_name is not None and key not in _selected_groups(loader,
+                                                                                                      config_name):
+            text = "+" + text.lstrip()
         out.append("++" + text.lstrip() if plain and not is_group else text)
     if not _plugin_active():
         out.append(f"hydra.searchpath=[{SHIPPED_CONF}]")
     return out
+
+
+def _selected_groups(loader: Any, config_name: str) -> set[str]:
+    """The config groups the primary config's own defaults list selects (no overrides applied)."""
+    from hydra.types import RunMode
+
+    defaults = loader.compute_defaults_list(config_name, [], RunMode.RUN).defaults
+    return {d.config_path.partition("/")[0] for d in defaults if d.config_path and "/" in d.config_path}
 
 
 def _check_choice(text: str, group: str, value: Any, loader: Any) -> None:
@@ -311,7 +327,7 @@ def _compose_locked(path: Path, data: dict[str, Any] | None, overrides: list[str
     try:
         with _hydra(path.parent) as loader:
             try:
-                hydra_overrides = _hydra_overrides(overrides, loader)
+                hydra_overrides = _hydra_overrides(overrides, loader, config_name)
                 cfg = hydra_compose(config_name=config_name, overrides=hydra_overrides)
                 _check_group_choices(loader, config_name, hydra_overrides)
                 return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

@@ -178,6 +178,40 @@ class CacheSpec:
                                                   "over it, $QBUILD_REMOTE is used when neither is set")
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA adapter (peft ``LoraConfig``): rank, scale, dropout and the modules it wraps."""
+
+    r: int = _f(8, min=1, max=4096, help="LoRA rank")
+    alpha: float = _f(32.0, min=0.0, help="LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = _f(0.05, min=0.0, max=0.99, help="dropout on the LoRA input (training only)")
+    target_modules: list[str] = _f(factory=lambda: ["q_proj", "v_proj"],
+                                   help="names (suffixes) of the Linear modules that get an adapter")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Finetuning between load and export (``none``: no stage, every key as without this group)."""
+
+    method: str = _f("none", choices=["none", "lora"], help="lora: train a peft LoRA adapter; export and verify "
+                                                            "use the merged weights")
+    dataset: str | None = _f(None, content=True, help="JSONL with a text field, alpaca JSON/JSONL (instruction, "
+                                                      "input, output) or a datasets.save_to_disk directory; its "
+                                                      "content is keyed, not its path (relative: to the cwd)")
+    format: str = _f("auto", choices=["auto", "text", "alpaca"], help="auto: alpaca where a record has "
+                                                                      "instruction and output, else text")
+    text_field: str = _f("text", help="the field holding the text of a text dataset's records")
+    steps: int | None = _f(30, min=1, max=10**7, help="optimizer steps (the data cycles, reshuffled each "
+                                                      "epoch); null: `epochs` passes over the data")
+    epochs: int = _f(1, min=1, max=10**5, help="passes over the data when steps is null")
+    batch_size: int = _f(4, min=1, max=MAX_BATCH, why="a sanity bound: activations scale with it")
+    gradient_accumulation_steps: int = _f(1, min=1, max=10**5, help="micro-batches per optimizer step")
+    learning_rate: float = _f(3e-4, min=1e-12, max=10.0)
+    weight_decay: float = _f(0.0, min=0.0, max=10.0)
+    max_seq_len: int = _f(128, min=2, max=2**20, help="records are truncated to this many tokens")
+    gradient_checkpointing: bool = _f(False, help="recompute activations in backward: less memory, more time")
+    seed: int = _f(42, min=0, max=2**32 - 1, why="seeds torch, the data order and LoRA's init")
+    lora: LoraSpec = _f(factory=LoraSpec)
 
 
 @dataclass(frozen=True)
@@ -186,6 +220,7 @@ class Manifest:
 
     model: ModelSpec = _f(factory=ModelSpec)
     transforms: TransformsSpec = _f(factory=TransformsSpec)
+    finetune: FinetuneSpec = _f(factory=FinetuneSpec)
     pooling: PoolingSpec = _f(factory=PoolingSpec)
     seq: SeqSpec = _f(factory=SeqSpec)
     export: ExportSpec = _f(factory=ExportSpec)

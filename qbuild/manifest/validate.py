@@ -252,6 +252,7 @@ def check_manifest(m: Manifest) -> None:
     _check_cache(m)
     _check_name(m)
     _check_qaic(m)
+    _check_finetune(m)
     _check_qnn(m)
     _check_ort(m)
 
@@ -311,6 +312,26 @@ def _check_qnn(m: Manifest) -> None:
         from qbuild.backends.qnn_command import check_manifest
 
         check_manifest(m)
+
+
+def _check_finetune(m: Manifest) -> None:
+    """``finetune=lora`` trains a causal LM on ``finetune.dataset`` (its existence is checked at plan time)."""
+    f = m.finetune
+    if f.method == "none":
+        return
+    if not f.dataset:
+        raise ManifestError("finetune.dataset: required with finetune.method=lora", key="finetune.dataset",
+                            hint="set finetune.dataset=PATH: a JSONL file with a text field, or alpaca records "
+                                 "(instruction, input, output)")
+    if m.model.task != "causal_lm":
+        raise ManifestError(f"finetune.method: lora trains a causal LM, but model.task is {m.model.task}",
+                            key="finetune.method", hint="set finetune=none for this model")
+    if not f.lora.target_modules:
+        raise ManifestError("finetune.lora.target_modules: empty; name the Linear modules that get an adapter, "
+                            "e.g. [q_proj,v_proj]", key="finetune.lora.target_modules")
+    if not f.text_field:
+        raise ManifestError("finetune.text_field: empty; name the field of the records holding the text",
+                            key="finetune.text_field")
 
 
 def _check_model(m: Manifest) -> None:

@@ -54,6 +54,8 @@ class StageContext:
         return self.store.stats
 
     def model_dir(self, ref: ModelRef) -> Path:
+        if "finetune" in self.inputs:  # finetuned upstream: export and verify read the merged weights
+            return self.inputs["finetune"].out / "merged"
         if ref.random:
             return self.inputs["load"].out / "model"
         assert ref.directory is not None

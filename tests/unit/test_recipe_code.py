@@ -28,11 +28,12 @@ def recipe_files() -> set[str]:
     from qbuild.backends import _BACKENDS, get_backend
     from qbuild.stages.compile import CompileStage
     from qbuild.stages.export import ExportStage
+    from qbuild.stages.finetune import FinetuneStage
     from qbuild.stages.load import LoadStage
     from qbuild.stages.verify import VerifyStage
     from qbuild.tasks import _TASKS, get_task
 
-    patterns: set[str] = set(LoadStage.code)
+    patterns: set[str] = {*LoadStage.code, *FinetuneStage.code}
     for t in _TASKS:
         task = get_task(t)
         patterns |= {*ExportStage(task).code, *VerifyStage(task).code}
