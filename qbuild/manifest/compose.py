@@ -488,7 +488,8 @@ def _missing_config(missing: str, options: Sequence[str] | None, path: Path, loa
 
 def _yaml_error(e: Exception, path: Path) -> ManifestError:
     mark = getattr(e, "problem_mark", None)
-    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    # the mark's own name is "<file>" for text parsed from memory: always name the manifest
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     return ManifestError(f"{where}: invalid YAML: {limits.clip(problem)}")
 
