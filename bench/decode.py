@@ -97,8 +97,9 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
     compiled = Path(result.artifacts["compiled"])
     size = sum(f.stat().st_size for f in compiled.rglob("*") if f.is_file())
     rt = KVRuntime(compiled, ctx_len=CTX, buckets=[PROMPT], num_threads=a.threads)
-    threads = rt.session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
-    rt.generate([prompt], 8, None)  # warm-up
+    rt.generate([prompt], 8, None)  # warm-up (opens the sessions it runs)
+    session = rt.session or next(iter(rt._bindings.values()))[0]
+    threads = session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
     tok_s, tokens = [], None
     for _ in range(a.repeat):
         g = rt.generate([prompt], a.new_tokens, None)
