@@ -23,7 +23,7 @@ SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: pad, bos, eos as in Llama-st
 
 def train_bpe(vocab_size: int, out_dir: Path) -> dict[str, int]:
     """Train a byte-level BPE of exactly ``vocab_size`` tokens and save it in ``out_dir``."""
-    from tokenizers import AddedToken, ByteLevelBPETokenizer
+    from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIALS):
@@ -33,8 +33,17 @@ def train_bpe(vocab_size: int, out_dir: Path) -> dict[str, int]:
     tok.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, show_progress=False,
                             special_tokens=SPECIALS)
     short = vocab_size - tok.get_vocab_size()
-    if short > 0:  # the corpus ran out of merges: fill with reserved tokens so ids match the model
-        tok.add_special_tokens([AddedToken(f"<reserved_{i}>", special=True) for i in range(short)])
+    if short > 0:
+        # the corpus ran out of merges: fill the BPE model's own vocabulary with reserved entries so ids match
+        # the model (no merge produces them). Not added tokens: transformers deep-copies every added token
+        # when it loads a tokenizer (31k reserved added tokens for a 32k vocabulary took ~1 s per load)
+        from tokenizers import Tokenizer
+
+        spec = json.loads(tok._tokenizer.to_str())
+        vocab = spec["model"]["vocab"]
+        first = len(vocab)
+        vocab.update({f"<reserved_{i}>": first + i for i in range(short)})
+        tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out_dir)
     return {"vocab_size": len(fast), "pad_token_id": fast.pad_token_id, "eos_token_id": fast.eos_token_id}
