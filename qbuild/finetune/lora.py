@@ -11,7 +11,6 @@ micro-batches in its accumulation window; a step's logged loss is their mean.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
@@ -186,14 +185,7 @@ def plot(steps: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 
 def peak_rss() -> int | None:
-    """This process's peak resident memory in bytes (VmHWM; the lifetime peak elsewhere)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    try:
-        import resource
+    """This process's peak resident memory in bytes: the executor's measure (VmHWM since the stage began)."""
+    from qbuild.execute.executor import _peak_rss
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except (ImportError, OSError):
-        return None
+    return _peak_rss()
