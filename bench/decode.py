@@ -40,7 +40,7 @@ from _machine import (  # noqa: E402
 
 PROMPT = 32
 CTX = 256
-QUICK = {"layers": 2, "hidden": 512, "intermediate": 1536, "heads": 8, "kv_heads": 2, "vocab": 8000, "new_tokens": 32}
+QUICK = {"layers": 2, "hidden": 256, "intermediate": 768, "heads": 4, "kv_heads": 2, "vocab": 4000, "new_tokens": 32}
 
 
 def _overrides(a: argparse.Namespace, quantize: str) -> list[str]:
@@ -161,7 +161,7 @@ def parse() -> argparse.Namespace:
         if getattr(a, name) is None:
             setattr(a, name, default)
     if a.quick:
-        a.bandwidth_seconds = min(a.bandwidth_seconds, 1.5)
+        a.bandwidth_seconds = min(a.bandwidth_seconds, 0.5)
     return a
 
 

@@ -16,6 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "manifests" / "tiny-llama.yaml"
+KV = ROOT / "manifests" / "tiny-llama-kv.yaml"
 
 
 @pytest.fixture
@@ -56,6 +57,23 @@ def warm_tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("warm") / "cache"
     build(TINY, cache_dir=cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def warm_kv_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding the load and export entries of manifests/tiny-llama-kv.yaml: what every variant of a
+    compile-flag or bucket sweep shares (their keys never read those settings)."""
+    from qbuild.api import build
+
+    cache = tmp_path_factory.mktemp("warm-kv") / "cache"
+    build(KV, cache_dir=cache, until="export")
+    return cache
+
+
+def copy_cache(warm: Path, dst: Path) -> Path:
+    """A private copy of a warm cache that a test may change."""
+    shutil.copytree(warm, dst, symlinks=True)
+    return dst
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import KV, ROOT, copy_cache
 
-KV = ROOT / "manifests" / "tiny-llama-kv.yaml"
 FAST = ["verify.max_new_tokens=4", "seq.ctx_len=64"]
 
 
@@ -52,9 +51,9 @@ def test_a_2x2_sweep_builds_one_export_and_is_fully_cached_the_second_time(tmp_p
     assert [r["keys"] for r in again["rows"]] == [r["keys"] for r in out["rows"]]
 
 
-def test_failed_jobs_are_rows_and_fail_fast_stops(tmp_path: Path) -> None:
+def test_failed_jobs_are_rows_and_fail_fast_stops(tmp_path: Path, warm_kv_export: Path) -> None:
     """export.opset=13 is below the minimum: that job fails as a ManifestError row; the other builds."""
-    cache = tmp_path / "cache"
+    cache = copy_cache(warm_kv_export, tmp_path / "cache")
     args = [str(KV), "-m", "export.opset=13,17", "verify.enabled=false", "--launcher", "basic"]
     proc = qbuild(*args, "--json", cwd=tmp_path, cache=cache)
     assert proc.returncode == 1
@@ -92,19 +91,21 @@ def test_a_bad_sweep_override_is_one_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "basic"])
-def test_sweep_api_returns_rows(tmp_path: Path, launcher: str) -> None:
+def test_sweep_api_returns_rows(tmp_path: Path, launcher: str, warm_kv_export: Path) -> None:
     from qbuild.sweep import sweep
 
-    result = sweep(KV, ["compile.onnxruntime.threads=1,2", "verify.enabled=false"], cache_dir=tmp_path,
+    cache = copy_cache(warm_kv_export, tmp_path / "cache")
+    result = sweep(KV, ["compile.onnxruntime.threads=1,2", "verify.enabled=false"], cache_dir=cache,
                    launcher=launcher, jobs=2)
     assert [r["status"] for r in result.rows] == ["ok", "ok"]
-    assert len(records(tmp_path, "export")) == 1
+    assert [r["stages"]["compile"] for r in result.rows] == ["built", "built"]
+    assert len(records(cache, "export")) == 1
 
 
-def test_the_sweep_runs_with_the_submitit_local_launcher(tmp_path: Path) -> None:
+def test_the_sweep_runs_with_the_submitit_local_launcher(tmp_path: Path, warm_kv_export: Path) -> None:
     """submitit (the SLURM launcher) in its local mode: jobs are separate submitit processes, same cache."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'qbuild[slurm]'")
-    cache, work = tmp_path / "cache", tmp_path / "work"
+    cache, work = copy_cache(warm_kv_export, tmp_path / "cache"), tmp_path / "work"
     work.mkdir()
     proc = qbuild(str(KV), "-m", "compile.onnxruntime.threads=1,2", "seq.lengths=[16],[16,32]", *FAST,
                   "--launcher", "submitit_local", "--json", cwd=work, cache=cache)
@@ -146,7 +147,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_sweep_runs_on_a_local_ray_head(tmp_path: Path) -> None:
+def test_the_sweep_runs_on_a_local_ray_head(tmp_path: Path, warm_kv_export: Path) -> None:
     """A Ray head started here (loopback only); the shipped qbuild_ray config joins it through $RAY_ADDRESS."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="pip install 'qbuild[ray]'")
     ray = Path(sys.executable).with_name("ray")
@@ -160,7 +161,7 @@ def test_the_sweep_runs_on_a_local_ray_head(tmp_path: Path) -> None:
                     "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, capture_output=True,
                    timeout=120)
     try:
-        cache, work = tmp_path / "cache", tmp_path / "work"
+        cache, work = copy_cache(warm_kv_export, tmp_path / "cache"), tmp_path / "work"
         work.mkdir()
         proc = subprocess.Popen([sys.executable, "-m", "qbuild", str(KV), "-m", "compile.onnxruntime.threads=1,2",
                                  "seq.lengths=[16],[16,32]", *FAST, "--launcher", "ray", "--json",
@@ -177,12 +178,12 @@ def test_the_sweep_runs_on_a_local_ray_head(tmp_path: Path) -> None:
         subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_the_optuna_sweeper_optimises_an_objective(tmp_path: Path) -> None:
+def test_the_optuna_sweeper_optimises_an_objective(tmp_path: Path, warm_kv_export: Path) -> None:
     """hydra-optuna-sweeper in place of the basic sweeper: each job returns its objective to Optuna."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install 'qbuild[optuna]'")
     import yaml
 
-    cache = tmp_path / "cache"
+    cache = copy_cache(warm_kv_export, tmp_path / "cache")
     proc = qbuild(str(KV), "-m", "compile.onnxruntime.threads=choice(1,2)",
                   "compile.onnxruntime.session=choice(fixed,dynamic)", "seq.lengths=[16]", "seq.ctx_len=64",
                   "verify.enabled=false", "--sweeper", "optuna", "--objective", "decode_tok_s", "--trials", "3",
@@ -202,10 +203,11 @@ def test_the_optuna_sweeper_optimises_an_objective(tmp_path: Path) -> None:
     assert len(records(cache, "export")) == 1
 
 
-def test_an_objective_without_optuna_ranks_the_jobs(tmp_path: Path) -> None:
+def test_an_objective_without_optuna_ranks_the_jobs(tmp_path: Path, warm_kv_export: Path) -> None:
     from qbuild.sweep import render, sweep
 
-    result = sweep(KV, ["compile.onnxruntime.threads=1,2", "verify.enabled=false"], cache_dir=tmp_path,
+    cache = copy_cache(warm_kv_export, tmp_path / "cache")
+    result = sweep(KV, ["compile.onnxruntime.threads=1,2", "verify.enabled=false"], cache_dir=cache,
                    launcher="basic", objective="artifact_bytes")
     assert [r["objective"] for r in result.rows] == [float(r["artifact_bytes"]) for r in result.rows]
     assert result.best is not None and result.best["objective"] == min(r["objective"] for r in result.rows)

@@ -1,6 +1,6 @@
 """Proofs under kill -9 and under concurrency, bounded for CI (bench/torture.py runs the long version).
 
-* 50 builds killed with SIGKILL at random moments of every stage (two kill loops side by side, each on
+* 20 builds killed with SIGKILL at random moments of every stage (two kill loops side by side, each on
   its own cache): after each kill no entry is corrupt or partial (re-digested here and by
   ``qbuild cache verify``) and the next build succeeds with the reference keys and compiled bytes.
 * 8 processes building one manifest at once on a fresh cache: all succeed, each stage is built exactly
@@ -21,7 +21,7 @@ from bench import torture
 from tests.conftest import ROOT, json_lines
 
 pytestmark = pytest.mark.slow
-KILLS = 50
+KILLS = 20
 SEED = 8
 
 

@@ -25,7 +25,7 @@ from qbuild.errors import ManifestError
 from qbuild.manifest import compose
 from qbuild.manifest.schema import Manifest
 
-SETTINGS = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MAX_MESSAGE = 2000  # characters; generated inputs are short, so a longer message is a bug (issue 11: 24 KB)
 
@@ -267,7 +267,7 @@ def test_generated_manifests_compose_or_fail_with_a_manifest_error(doc: Any, suf
         _check(_write(Path(tmp), doc, suffix), [], memo)
 
 
-@settings(SETTINGS, max_examples=200)
+@settings(SETTINGS, max_examples=100)
 @given(ovs=st.lists(overrides(), min_size=1, max_size=4), memo=st.booleans())
 def test_generated_overrides_compose_or_fail_with_a_manifest_error(ovs: list[str], memo: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +275,7 @@ def test_generated_overrides_compose_or_fail_with_a_manifest_error(ovs: list[str
         _check(_write(Path(tmp), doc, ".yaml"), ovs, memo)
 
 
-@settings(SETTINGS, max_examples=80)
+@settings(SETTINGS, max_examples=40)
 @given(doc=documents(), ovs=st.lists(overrides(), max_size=3))
 def test_generated_manifests_with_overrides(doc: Any, ovs: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,7 +288,7 @@ def test_generated_manifests_with_overrides(doc: Any, ovs: list[str]) -> None:
 @example(raw=b"6\n", suffix=".yml")  # OSError: Invalid loaded object type: int
 @example(raw=b"? \n", suffix=".yml")  # omegaconf KeyValidationError: Incompatible key type 'NoneType'
 @example(raw=b"\xe5w\xee>", suffix=".yml")  # UnicodeDecodeError
-@settings(SETTINGS, max_examples=150)
+@settings(SETTINGS, max_examples=80)
 @given(raw=st.one_of(st.binary(max_size=64), st.text(max_size=64).map(lambda t: t.encode("utf-8"))),
        suffix=st.sampled_from([".yaml", ".yml", ".toml"]))
 @example(raw=b"\xe5w\xee>", suffix=".toml")  # UnicodeDecodeError (issue 11), fixed the same way
