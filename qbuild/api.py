@@ -24,6 +24,9 @@ __all__ = ["BuildResult", "RunResult", "build", "embed", "load", "plan", "run"]
 PathLike = str | os.PathLike
 #: the stages a build may stop after (``build(..., until=...)``)
 STAGE_ORDER = ("load", "export", "compile", "verify")
+#: the other stages -> the step of STAGE_ORDER they belong to (``until="compile"`` builds both VLM branches);
+#: their own names are accepted too (``until="compile_vision"``: that stage and its upstream only)
+STAGE_STEP = {"finetune": "export", "adapters": "export", "export_vision": "export", "compile_vision": "compile"}
 
 
 def _cache(cache_dir: PathLike | None) -> Path:
@@ -67,14 +70,16 @@ def build(manifest: PathLike | ComposedManifest | ApiManifest, overrides: Sequen
     """Build what is missing from the cache and return the stages and artifacts. ``remote`` (else the
     manifest's ``cache.remote``, else ``$QBUILD_REMOTE``): a remote cache (a directory, or an fsspec URL such
     as ``s3://bucket/prefix``) to pull missing entries from and push builds to. ``until``: stop after that
-    stage (``load``, ``export``, ``compile``; default: every stage); the keys are those of a full build."""
+    stage (``load``, ``export``, ``compile``: every stage of that step, both branches of a VLM; or a stage's
+    own name such as ``compile_vision``: it and its upstream; default: every stage); the keys are those of a
+    full build."""
     cache = _cache(cache_dir)
-    if until is not None and until not in STAGE_ORDER:
+    if until is not None and until not in (*STAGE_ORDER, *STAGE_STEP):
         from qbuild.errors import ManifestError
         from qbuild.manifest.validate import suggest
 
-        raise ManifestError(f"until: unknown stage {until!r}; stages: {', '.join(STAGE_ORDER)}"
-                            f"{suggest(str(until), STAGE_ORDER)}", key="until")
+        raise ManifestError(f"until: unknown stage {until!r}; stages: {', '.join((*STAGE_ORDER, *STAGE_STEP))}"
+                            f"{suggest(str(until), (*STAGE_ORDER, *STAGE_STEP))}", key="until")
     composed = _composed(manifest, overrides, cache, write=True)  # bad input fails before any write
     return _build(composed, cache, reporter, remote=remote, until=until)
 
@@ -91,9 +96,7 @@ def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *
     try:
         the_plan = make_plan(composed, store)
         if until is not None:
-            names = [s.name for s in the_plan.stages]
-            last = max(i for i, n in enumerate(names) if STAGE_ORDER.index(n) <= STAGE_ORDER.index(until))
-            the_plan = dataclasses.replace(the_plan, stages=the_plan.stages[:last + 1])
+            the_plan = dataclasses.replace(the_plan, stages=_until(the_plan.stages, until))
         if execute_as:
             _check_executable(the_plan, execute_as)
         reporter.emit({"event": "plan", "notes": the_plan.notes,
@@ -103,6 +106,27 @@ def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *
     finally:
         store.close()
         reporter.close()
+
+
+def _until(stages: list[Any], until: str) -> list[Any]:
+    """The planned stages a build ``until`` a stage executes: for a step of STAGE_ORDER every stage of that step
+    or an earlier one (by STAGE_STEP); for another stage's name, that stage and its upstream."""
+    if until in STAGE_ORDER:
+        last = STAGE_ORDER.index(until)
+        return [s for s in stages
+                if STAGE_ORDER.index(STAGE_STEP.get(s.name, s.name if s.name in STAGE_ORDER else "verify")) <= last]
+    by_name = {s.name: s for s in stages}
+    if until not in by_name:
+        from qbuild.errors import ManifestError
+
+        raise ManifestError(f"until: this build has no {until} stage; its stages: {', '.join(by_name)}", key="until")
+    keep, todo = set(), [until]
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo += list(by_name[name].stage.upstream)
+    return [s for s in stages if s.name in keep]
 
 
 def _check_executable(the_plan: Plan, command: str) -> None:
@@ -134,26 +158,53 @@ class RunResult:
 
 def run(manifest: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[str] = (), *, prompts: Sequence[str],
         max_new_tokens: int = 32, cache_dir: PathLike | None = None, reporter: Reporter | None = None,
-        on_text: Callable[[int, str], None] | None = None, remote: PathLike | None = None) -> RunResult:
+        on_text: Callable[[int, str], None] | None = None, remote: PathLike | None = None,
+        adapters: Sequence[str] = (), images: Sequence[str | None] = ()) -> RunResult:
     """Build what is missing, then generate greedily for each prompt (``on_text`` streams row text);
-    ``remote`` as in :func:`build`."""
+    ``remote`` as in :func:`build`; ``adapters``: the LoRA adapter of each prompt, or one for all (names of the
+    manifest's ``model.adapters``; ``base``: the base model); ``images``: an image path (or None) per prompt
+    of an image-text-to-text model (issue 13)."""
     from qbuild.errors import RunError
     from qbuild.tasks import task_name
 
     cache = _cache(cache_dir)
     composed = _composed(manifest, overrides, cache, write=True)
+    if task_name(composed.manifest).startswith("image_text_to_text"):
+        if adapters:
+            raise RunError("--adapter: this manifest serves no LoRA adapters (model.adapters is for a KV causal LM)")
+        return _generate_vlm(composed, cache, reporter, remote, list(prompts), images, max_new_tokens, on_text)
+    if images:
+        raise RunError("--image: this manifest builds a text-only model", hint="use an image-text-to-text manifest")
     if task_name(composed.manifest) != "causal_lm_kv":
         embedding = composed.manifest.model.task == "embedding"
         hint = ("an embedding model does not generate: use qbuild embed MANIFEST --text TEXT" if embedding
                 else "add transforms=kv_cache: the runtime generates with the retained-state KV cache")
         raise RunError(f"qbuild run generates with a KV-cache causal LM; {composed.source.name} builds task "
                        f"{task_name(composed.manifest)}", hint=hint)
+    from qbuild.manifest.adapters import adapter_names
+    from qbuild.runtime.lora import BASE, adapter_ids
+
+    adapter_ids([BASE, *adapter_names(composed.manifest)], adapters, len(prompts))  # before building: bad names
     result = _build(composed, cache, reporter, execute_as="qbuild run", remote=remote)
-    return _generate(composed, result, list(prompts), max_new_tokens, on_text)
+    return _generate(composed, result, list(prompts), max_new_tokens, on_text, adapters)
+
+
+def _generate_vlm(composed: ComposedManifest, cache: Path, reporter: Reporter | None, remote: PathLike | None,
+                  prompts: list[str], images: Sequence[str | None], max_new_tokens: int,
+                  on_text: Callable[[int, str], None] | None) -> RunResult:
+    """Build what is missing of an image-text-to-text manifest, then generate for its image+prompt pairs."""
+    from qbuild.vlm.runtime import generate_build, pair_images
+
+    paired = pair_images(images, prompts)  # before building: a missing file fails fast
+    result = _build(composed, cache, reporter, execute_as="qbuild run", remote=remote)
+    m = composed.manifest
+    tokens, texts, stats = generate_build(result.artifacts, m.seq.ctx_len, m.seq.lengths, prompts, paired,
+                                          max_new_tokens, on_text)
+    return RunResult(prompts, tokens, texts, stats)
 
 
 def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str], max_new_tokens: int,
-              on_text: Callable[[int, str], None] | None) -> RunResult:
+              on_text: Callable[[int, str], None] | None, adapters: Sequence[str] = ()) -> RunResult:
     from qbuild.runtime.generate import open_runtime
     from qbuild.runtime.tokenizer import open_tokenizer
 
@@ -176,7 +227,10 @@ def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str
         streamed[row].append(token)
         emit(row, tok.decode(streamed[row]), final=False)
 
-    g = rt.generate(ids, max_new_tokens, tok.eos_token_id, on_token)
+    from qbuild.runtime.lora import adapter_ids, known_adapters
+
+    lora_ids = adapter_ids(known_adapters(export_dir), adapters, len(prompts))
+    g = rt.generate(ids, max_new_tokens, tok.eos_token_id, on_token, lora_ids=lora_ids)
     texts = [tok.decode(t) for t in g.tokens]
     for row, text in enumerate(texts):
         emit(row, text, final=True)
@@ -185,6 +239,8 @@ def _generate(composed: ComposedManifest, result: BuildResult, prompts: list[str
              "prefill_chunks": g.chunks,
              "decode_tok_s": round(g.decode_steps * len(prompts) / g.decode_s, 2) if g.decode_s else 0.0,
              "tokenizer": tok.kind}
+    if lora_ids is not None:
+        stats["lora_ids"] = lora_ids
     return RunResult(prompts, g.tokens, texts, stats)
 
 

@@ -22,6 +22,7 @@ USAGE = """qbuild [build] MANIFEST [MANIFEST|DIR|GLOB ...] [KEY=VALUE ...] [--js
                   [--sweep-dir DIR] [--measure] [--sweeper optuna --objective FIGURE --trials N]
        qbuild plan MANIFEST [KEY=VALUE ...] [--json] [--cache-dir DIR]
        qbuild run MANIFEST [KEY=VALUE ...] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--json]
+                  [--adapter NAME ...] [--image PATH ...]
        qbuild embed MANIFEST [KEY=VALUE ...] --text TEXT [--text ...] [--file FILE] [--json]
        qbuild verify-bundle DIR [--json]
        qbuild cache ls|du|verify|gc|rm ... (qbuild cache --help)"""
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="sweep: time a short fixed decode / embed on each artifact (tokens/s, embeddings/s)")
     p.add_argument("--prompt", action="append", default=[], help="run: a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="run: tokens to generate per prompt")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="run: the LoRA adapter of model.adapters for each --prompt (one per prompt, or one for all; "
+                        "base: the base model)")
+    p.add_argument("--image", action="append", default=[],
+                   help="run: a PNG/JPEG for the --prompt at the same place (image-text-to-text models; repeat for a "
+                        "batch; '' for a prompt without an image)")
     p.add_argument("--text", action="append", default=[], help="embed: a text to embed (repeatable)")
     p.add_argument("--file", action="append", default=[],
                    help="embed: a file with one text per line (blank lines skipped); - reads standard input")
@@ -83,8 +90,8 @@ def _version() -> str:
 
 
 #: options that only some commands take (dest -> commands); giving one elsewhere is an error, not ignored
-_ONLY = {"prompt": ("run",), "max_new_tokens": ("run",), "text": ("embed",), "file": ("embed",),
-         "explain": ("plan",), "out": ("build",), "cache": ("build",)}
+_ONLY = {"prompt": ("run",), "image": ("run",), "max_new_tokens": ("run",), "adapter": ("run",),
+         "text": ("embed",), "file": ("embed",), "explain": ("plan",), "out": ("build",), "cache": ("build",)}
 #: options of a sweep (-m) only
 _SWEEP_ONLY = ("launcher", "sweeper", "objective", "trials", "jobs", "sweep_dir", "fail_fast", "measure")
 
@@ -355,7 +362,8 @@ def _run(ns: argparse.Namespace) -> int:
         print(text, end="", flush=True)
 
     result = run(ns.manifest, ns.overrides, prompts=ns.prompt, max_new_tokens=ns.max_new_tokens,
-                 cache_dir=ns.cache_dir, reporter=reporter, on_text=on_text if stream else None, remote=ns.remote)
+                 cache_dir=ns.cache_dir, reporter=reporter, on_text=on_text if stream else None, remote=ns.remote,
+                 adapters=ns.adapter, images=ns.image)
     if ns.json:
         print(json.dumps(result.to_json()))
     elif stream:

@@ -76,7 +76,8 @@ def qaic_params(m: Manifest, task: Task, sdk: Sdk, hw_version: str, hardware: Ha
     """The compile params for ``m`` with the SDK facts given (pure: no discovery, no probe)."""
     dtype = qaic_command.export_dtype(m.model.dtype, hw_version) if task_exports_qaic_graph(task) else None
     o = qaic_command.options(m, sdk=sdk, hw_version=hw_version, spec_format=qaic_sdk.specializations_format(m, sdk),
-                             retained_state=task.retained_state, graph_dtype=dtype)
+                             retained_state=task.retained_state, graph_dtype=dtype,
+                             vision_io=bool(getattr(task, "vision_io", False)))
     npi = qaic_command.node_precision_digest(o.node_precision_info) if o.node_precision_info else None
     return QaicParams(o, sdk, tuple(task.specializations(m)), npi, hardware or Hardware(hw_version, ""),
                       m.compile.qaic.timeout_s)
@@ -183,6 +184,8 @@ class QaicBackend(Backend):
                  f"  specializations.json ({o.spec_format}): {specs}"]
         if o.kv_precision:
             lines.append(f"  custom_io.yaml: retained-state KV at {o.kv_precision}")
+        if o.io_precision:
+            lines.append(f"  custom_io.yaml: pixel_values / vision_embeds at {o.io_precision}")
         lines.append(f"  the graph's dtype: {o.graph_dtype}" + (" (-convert-to-fp16)" if o.convert_to_fp16 else "")
                      + ("; -sub-functions (compile.qaic.use_onnx_subfunctions)" if o.sub_functions else ""))
         return lines

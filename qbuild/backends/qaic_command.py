@@ -75,6 +75,7 @@ class QaicOptions:
     kv_precision: str | None  # custom_io.yaml precision; None: no custom_io.yaml
     sub_functions: bool = False  # -sub-functions: compile.qaic.use_onnx_subfunctions
     graph_dtype: str = "float32"  # the exported graph's float dtype (bfloat16 on ai100: float32)
+    io_precision: str | None = None  # a VLM program's pixel_values / vision_embeds* in custom_io.yaml
 
 
 def extra_flags(m: Manifest) -> tuple[tuple[str, Any], ...]:
@@ -101,10 +102,12 @@ def export_dtype(model_dtype: str, hw_version: str) -> str:
 
 
 def options(m: Manifest, *, sdk: Sdk, hw_version: str, spec_format: str, retained_state: bool,
-            graph_dtype: str | None = None) -> QaicOptions:
+            graph_dtype: str | None = None, vision_io: bool = False) -> QaicOptions:
     """Resolve the manifest into :class:`QaicOptions` (pure; the SDK facts are passed in).
 
-    ``graph_dtype``: the exported graph's dtype (default ``model.dtype``; see :func:`export_dtype`)."""
+    ``graph_dtype``: the exported graph's dtype (default ``model.dtype``; see :func:`export_dtype`);
+    ``vision_io``: a VLM program, whose ``pixel_values`` / ``vision_embeds`` I/O takes the model's mapped
+    dtype in custom_io.yaml (QEfficient's ``CUSTOM_IO_DTYPE_MAP``; none when the model and KV are bfloat16)."""
     q = m.compile.qaic
     dtype = graph_dtype or m.model.dtype
     kv = None
@@ -112,12 +115,16 @@ def options(m: Manifest, *, sdk: Sdk, hw_version: str, spec_format: str, retaine
         kv = "mxint8" if q.mxint8_kv_cache else KV_PRECISION[dtype]
         if kv == "bfloat16" and dtype == "bfloat16":
             kv = None  # model and KV both bf16: QEfficient passes no custom-IO file
+    io = KV_PRECISION[dtype] if vision_io else None
+    if io == "bfloat16" and kv is None:
+        io = None  # the vision program (its KV dtype is the mapped one), or a bf16 KV: no custom-IO file
     return QaicOptions(
         compiler=sdk.compiler, kind=sdk.kind, hw_version=hw_version, retained_state=retained_state,
         convert_to_fp16=q.convert_to_fp16 and KV_PRECISION[dtype] == "float16", mxfp6_matmul=q.mxfp6_matmul,
         num_cores=q.num_cores, num_devices=q.num_devices, mos=q.mos, depth_first=q.aic_enable_depth_first,
         ols=q.ols, node_precision_info=q.node_precision_info, extra_flags=extra_flags(m),
-        spec_format=spec_format, kv_precision=kv, sub_functions=q.use_onnx_subfunctions, graph_dtype=dtype)
+        spec_format=spec_format, kv_precision=kv, sub_functions=q.use_onnx_subfunctions, graph_dtype=dtype,
+        io_precision=io)
 
 
 def _flag(name: str, value: Any) -> list[str]:
@@ -142,7 +149,7 @@ def argv(o: QaicOptions, *, onnx: str = "<onnx>", out: str = "<out>", custom_io:
         cmd.append(f"-mdp-load-partition-config={out}/{mdp_file(o.num_devices)}")
     cmd.append(f"-network-specialization-config={out}/{SPECIALIZATIONS_FILE}")
     if custom_io is None:
-        custom_io = o.kv_precision is not None
+        custom_io = o.kv_precision is not None or o.io_precision is not None
     if custom_io:
         cmd.append(f"-custom-IO-list-file={out}/{CUSTOM_IO_FILE}")
     cmd.append(f"-aic-binary-dir={out}/{QPC_DIR}")
@@ -180,6 +187,15 @@ def kv_custom_io(io_names: list[str], precision: str) -> list[tuple[str, str]]:
     return entries
 
 
+def vision_custom_io(io_names: list[str], precision: str) -> list[tuple[str, str]]:
+    """A VLM program's image I/O among the graph's names (QEfficient 1.6): the vision program's
+    ``pixel_values`` and ``vision_embeds``, the language program's ``vision_embeds`` and its retained output,
+    the single program's ``pixel_values`` and its retained output."""
+    names = set(io_names)
+    image_io = ("pixel_values", "pixel_values_RetainedState", "vision_embeds", "vision_embeds_RetainedState")
+    return [(n, precision) for n in image_io if n in names]
+
+
 def custom_io_yaml(entries: list[tuple[str, str]]) -> str:
     """custom_io.yaml exactly as QEfficient writes it: ``" - IOName: n\\n   Precision: p\\n\\n"`` per entry."""
     return "".join(f" - IOName: {name}\n   Precision: {precision}\n\n" for name, precision in entries)
@@ -200,10 +216,11 @@ def mdp_json(num_devices: int, num_cores: int) -> str:
 def side_files(o: QaicOptions, specs: list[dict[str, Any]], io_names: list[str]) -> dict[str, str]:
     """The text files written next to the QPC (file name -> content), node_precision_info excluded."""
     files = {SPECIALIZATIONS_FILE: specializations_json(specs, o.spec_format)}
+    entries = vision_custom_io(io_names, o.io_precision) if o.io_precision is not None else []
     if o.kv_precision is not None:
-        entries = kv_custom_io(io_names, o.kv_precision)
-        if entries:
-            files[CUSTOM_IO_FILE] = custom_io_yaml(entries)
+        entries += kv_custom_io(io_names, o.kv_precision)
+    if entries:
+        files[CUSTOM_IO_FILE] = custom_io_yaml(entries)
     if o.num_devices > 1:
         files[mdp_file(o.num_devices)] = mdp_json(o.num_devices, o.num_cores)
     return files

@@ -28,7 +28,7 @@ def _f(default: Any = None, *, factory: Any = None, **meta: Any) -> Any:
 class ModelSpec:
     """Where the weights come from: exactly one of ``path``, ``name`` or ``init: random``."""
 
-    task: str = _f("causal_lm", choices=["causal_lm", "embedding"])
+    task: str = _f("causal_lm", choices=["causal_lm", "embedding", "image-text-to-text"])
     path: str | None = _f(None, content=True, help="local directory in save_pretrained format")
     name: str | None = _f(None, content=True, help="hub id, resolved from the local Hugging Face cache")
     revision: str = _f("main", content=True)
@@ -39,6 +39,15 @@ class ModelSpec:
     dtype: str = _f("float32", choices=["float32", "float16", "bfloat16"])
     tokenizer: str | None = _f(None, content=True, help="tokenizer directory; default: the model directory; "
                                           "train-bpe: train a byte-level BPE with vocab = model vocab")
+    # issue 15: several LoRA adapters compiled into one program (ids 1.. in list order; 0 is the base model).
+    # Each is {name, path} (a peft adapter directory: its files' content is keyed, not its path) or {name, seed}
+    # (a random adapter shaped by model.lora, made by the adapters stage); [] (default) changes no key.
+    adapters: list[dict[str, Any]] = _f(factory=list, help="LoRA adapters served from one program, ids 1.. in "
+                                                           "this order: {name: N, path: DIR} (a peft adapter "
+                                                           "directory) or {name: N, seed: S, alpha: A (optional)} "
+                                                           "(a random adapter shaped by model.lora)")
+    lora: LoraSpec = _f(factory=lambda: LoraSpec(), help="r, alpha and target_modules of model.adapters' random "
+                                                         "adapters (dropout is not used)")
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,18 @@ class VerifySpec:
 
 
 @dataclass(frozen=True)
+class VlmSpec:
+    """Vision-language models (``model.task: image-text-to-text``): read by no other task."""
+
+    mode: str = _f("dual", choices=["dual", "single"], help="dual: a vision program and a language program "
+                                                            "(QEfficient's kv_offload=True); single: one graph")
+    vision_batch_size: int = _f(1, min=1, max=64, help="images per run of the vision program (its "
+                                                       "specialisation's batch_size)")
+    max_num_tiles: int = _f(17, min=1, max=64, help="Llama 4: image tiles per image the vision program takes "
+                                                   "(QEfficient's default 17: 16 tiles + the global one)")
+
+
+@dataclass(frozen=True)
 class CacheSpec:
     """Where built entries are shared; never part of a key (it moves outputs, it does not shape them)."""
 
@@ -226,5 +247,6 @@ class Manifest:
     export: ExportSpec = _f(factory=ExportSpec)
     compile: CompileSpec = _f(factory=CompileSpec)
     verify: VerifySpec = _f(factory=VerifySpec)
+    vlm: VlmSpec = _f(factory=VlmSpec)
     cache: CacheSpec = _f(factory=CacheSpec)
     name: str = _f("", help="artifact name; defaults to the manifest file's stem")

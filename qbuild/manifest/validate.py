@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from qbuild.errors import ManifestError
+from qbuild.manifest.adapters import check_adapters
 from qbuild.manifest.model_facts import check_model
 from qbuild.manifest.schema import Manifest
 
@@ -255,6 +256,7 @@ def check_manifest(m: Manifest) -> None:
     _check_finetune(m)
     _check_qnn(m)
     _check_ort(m)
+    check_adapters(m)
 
 
 MAX_NAME = 200

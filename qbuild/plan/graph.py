@@ -26,14 +26,24 @@ def stages_for(m: Manifest) -> tuple[list[Stage], list[str]]:
     stages: list[Stage] = [LoadStage(), ExportStage(task), CompileStage(backend, task)]
     if m.verify.enabled:
         stages.append(VerifyStage(task))
+    if task.name.startswith("image_text_to_text"):  # two branches (or one program): qbuild.stages.vlm
+        from qbuild.stages.vlm import vlm_stages
+
+        stages = vlm_stages(m, backend, task)
     for stage in stages[1:]:  # the manifest values that chose the task (and the backend) shape these stages
-        stage.selected_by = {**task_reads, **(backend_reads if stage.name == "compile" else {})}
+        stage.selected_by = {**task_reads, **(backend_reads if stage.name.startswith("compile") else {})}
     if m.finetune.method != "none":  # only then: finetune=none leaves the graph and every key as they were
         from qbuild.stages.finetune import FinetuneStage
 
         stages.insert(1, FinetuneStage())
         stages[1].selected_by = {"finetune.method": m.finetune.method}  # export on follows it (upstream)
         stages[2].upstream = ("load", "finetune")  # export reads the merged weights
+    if m.model.adapters:  # only then (issue 15): no adapters leaves the graph and every key as they were
+        from qbuild.stages.adapters import AdaptersStage
+
+        stages.insert(1, AdaptersStage())
+        stages[1].selected_by = {"model.adapters": [dict(a) for a in m.model.adapters]}
+        stages[2].upstream = ("load", "adapters")  # export stacks the adapters' weights
     return stages, [why, *ignored_settings(m, backend.name, task.name)]
 
 
@@ -56,9 +66,16 @@ def ignored_settings(m: Manifest, backend: str, task: str) -> list[str]:
             if value != default:
                 shown = json.dumps(value, default=str)
                 notes.append(f"compile.{group}.{f.name}: {shown} is not used: the compile backend is {backend}")
-    if backend in ("qaic", "qnn") and getattr(m.compile, backend).mxint8_kv_cache and task != "causal_lm_kv":
+    kv_tasks = ("causal_lm_kv", "image_text_to_text", "image_text_to_text_single")  # a VLM's decoder has the KV
+    if backend in ("qaic", "qnn") and getattr(m.compile, backend).mxint8_kv_cache and task not in kv_tasks:
         notes.append(f"compile.{backend}.mxint8_kv_cache: not used: this model has no KV cache "
                      "(add transforms=kv_cache)")
+    if not task.startswith("image_text_to_text"):
+        notes += [f"vlm.{k}: {json.dumps(v, default=str)} is not used: model.task is {m.model.task}, not "
+                  "image-text-to-text" for k, v in _changed_fields(m.vlm).items()]
+    elif task == "image_text_to_text_single" and m.vlm.vision_batch_size != 1:  # pixel_values take seq.batch_size
+        notes.append(f"vlm.vision_batch_size: {m.vlm.vision_batch_size} is not used: vlm.mode single has no vision "
+                     "program (its pixel_values take the images of seq.batch_size rows)")
     return notes
 
 

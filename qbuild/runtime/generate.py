@@ -54,6 +54,21 @@ class KVRuntime:
         if not all(isinstance(d, int) for d in (self.kv_heads, self.head_dim)):
             shape = shapes[self.kv_inputs[0]]
             raise RunError(f"{compiled}: KV cache inputs need static heads and head_dim, got {shape}")
+        self.has_lora = "lora_ids" in shapes  # several LoRA adapters in one program (issue 15)
+
+    def lora_feed(self, lora_ids: Sequence[int] | None, batch: int) -> Any:
+        """``lora_ids [batch, 1]`` for a program with adapters (none given: 0, the base model), else None."""
+        import numpy as np
+
+        if not getattr(self, "has_lora", False):
+            if lora_ids is not None and any(lora_ids):
+                raise RunError("this artifact was built without model.adapters: it serves the base model only",
+                               hint="add model.adapters to the manifest, or drop --adapter")
+            return None
+        ids = np.zeros((batch, 1), np.int64) if lora_ids is None else np.asarray(lora_ids, np.int64).reshape(-1, 1)
+        if ids.shape[0] != batch:
+            raise RunError(f"{ids.shape[0]} adapter ids for {batch} prompts; give one per prompt")
+        return ids
 
     def _chunk_len(self, longest: int) -> int:
         return next((n for n in self.buckets if n >= longest), self.buckets[-1])
@@ -85,6 +100,8 @@ class KVRuntime:
         io.bind_output("logits")
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", pos)
+        if getattr(self, "_lora", None) is not None:
+            io.bind_cpu_input("lora_ids", self._lora)
         for name, cur, nxt in zip(self.kv_inputs, kv_in, kv_out, strict=True):
             io.bind_ortvalue_input(name, cur)
             io.bind_ortvalue_output(f"{name}_RetainedState", nxt)
@@ -114,8 +131,10 @@ class KVRuntime:
         return last, n_chunks
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
-                 on_token: Callable[[int, int], None] | None = None) -> Generation:
-        """Greedy tokens for each prompt; ``on_token(row, token)`` streams them as they come."""
+                 on_token: Callable[[int, int], None] | None = None,
+                 lora_ids: Sequence[int] | None = None) -> Generation:
+        """Greedy tokens for each prompt; ``on_token(row, token)`` streams them as they come; ``lora_ids``: each
+        prompt's adapter id in a program built with ``model.adapters`` (0: the base model)."""
         import numpy as np
 
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -125,6 +144,7 @@ class KVRuntime:
             raise RunError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds seq.ctx_len="
                            f"{self.ctx_len}", hint="raise seq.ctx_len or lower --max-new-tokens")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        self._lora = self.lora_feed(lora_ids, len(prompts))
         self._alloc(len(prompts))
         t0 = time.perf_counter()
         logits, chunks = self.prefill(prompts)

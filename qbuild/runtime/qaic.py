@@ -133,6 +133,7 @@ class QaicKVRuntime(KVRuntime):
         self.batch_size = specs[0]["batch_size"]
         self.buckets = sorted({s["seq_len"] for s in specs if s["seq_len"] > 1} or {1})
         self.kv_inputs = [n for n in self.session.input_names if n.startswith(("past_key.", "past_value."))]
+        self.has_lora = "lora_ids" in self.session.input_names  # adapters in the program (issue 15)
         self.session.skip([*self.kv_inputs, *(n for n in self.session.output_names if "RetainedState" in n)])
 
     def _alloc(self, batch: int) -> None:
@@ -141,7 +142,8 @@ class QaicKVRuntime(KVRuntime):
                            hint="set seq.batch_size to the number of prompts and rebuild")
 
     def _step(self, ids: Any, pos: Any) -> Any:
-        return self.session.run({"input_ids": ids, "position_ids": pos})["logits"]
+        lora = {} if getattr(self, "_lora", None) is None else {"lora_ids": self._lora}
+        return self.session.run({"input_ids": ids, "position_ids": pos, **lora})["logits"]
 
 
 def embed(artifact_dir: Path, input_ids: Any, attention_mask: Any, *, device_ids: Sequence[int] | None = None,

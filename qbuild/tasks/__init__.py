@@ -22,6 +22,9 @@ _TASKS = {
     "causal_lm": "qbuild.tasks.causal_lm:CausalLMTask",
     "causal_lm_kv": "qbuild.tasks.kv_causal_lm:KVCausalLMTask",
     "embedding": "qbuild.tasks.embedding:EmbeddingTask",
+    "image_text_to_text": "qbuild.tasks.vlm:VLMTask",
+    "image_text_to_text_single": "qbuild.tasks.vlm_single:VLMSingleTask",
+    "vlm_vision": "qbuild.tasks.vlm:VisionTask",
 }
 
 
@@ -74,6 +77,8 @@ def task_name(m: Manifest) -> str:
     """``model.task``, with ``causal_lm`` + the ``kv_cache`` rewrite meaning the retained-state KV task."""
     if m.model.task == "embedding":
         return "embedding"
+    if m.model.task == "image-text-to-text":  # vlm.mode single: one program (qbuild.tasks.vlm_single)
+        return "image_text_to_text_single" if m.vlm.mode == "single" else "image_text_to_text"
     return "causal_lm_kv" if "kv_cache" in m.transforms.apply else "causal_lm"
 
 
@@ -83,5 +88,10 @@ def get_task(name: str) -> Task:
 
 
 def task_for(m: Manifest) -> Task:
-    """The task object for a manifest."""
-    return get_task(task_name(m))
+    """The task object for a manifest (``model.adapters`` on the KV task: the multi-LoRA variant, same name)."""
+    name = task_name(m)
+    if name == "causal_lm_kv" and m.model.adapters:
+        from qbuild.tasks.kv_lora import KVLoraTask
+
+        return KVLoraTask()
+    return get_task(name)

@@ -30,6 +30,15 @@ LLAMA = {"init": "random", "architecture": "llama", "tokenizer": "train-bpe",
          "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                     "num_key_value_heads": 1, "vocab_size": 256}}
 
+#: a tiny Gemma 3 VLM (issue 13): planning reads its vision sizes from this config
+GEMMA3_VLM = {"task": "image-text-to-text", "init": "random", "architecture": "gemma3",
+              "config": {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                                         "vocab_size": 256},
+                         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                           "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                         "mm_tokens_per_image": 4}}
+
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
@@ -94,7 +103,8 @@ def alternatives(leaf: Leaf, value: Any) -> list[Any]:
         alts += [f"{value}x" if value else "x", "mistral"]
     elif get_origin(base) is list:
         item = get_args(base)[0]
-        extra = {int: [value[-1] * 2 if value else 8], str: ["custom_rmsnorm", "hello"]}[item]
+        extra = {int: lambda: [value[-1] * 2 if value else 8], str: lambda: ["custom_rmsnorm", "hello"],
+                 dict[str, Any]: lambda: [{"name": "x", "seed": 1}]}[item]()  # model.adapters: a random adapter
         alts += [[*value, x] for x in extra] + ([value[:1]] if len(value) > 1 else []) + ([[]] if value else [])
     elif get_origin(base) is dict:
         alts.append({**value, "extra_key": 1})
@@ -118,6 +128,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "causal_lm": {"model": LLAMA},
         "kv": kv,
         "kv-qaic": put(put(kv, "compile.backend", "qaic"), "compile.qaic.sdk_dir", str(sdk)),
+        "kv-lora": put(kv, "model.adapters", [{"name": "a", "seed": 1}]),  # issue 15: the adapters stage
+        "vlm": {"model": GEMMA3_VLM, "seq": {"lengths": [32], "ctx_len": 64}},  # issue 13: two branches, vlm.*
+        "vlm-single": {"model": GEMMA3_VLM, "seq": {"lengths": [32], "ctx_len": 64}, "vlm": {"mode": "single"}},
+        "vlm-llama4": {"model": {**GEMMA3_VLM, "architecture": "llama4", "config": {  # reads vlm.max_num_tiles
+            "vision_config": {"image_size": 32, "patch_size": 8}}}, "seq": {"lengths": [32], "ctx_len": 64}},
         "embedding": {"model": {**LLAMA, "architecture": "bert", "task": "embedding", "tokenizer": None,
                                 "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                            "intermediate_size": 64, "vocab_size": 128}},
@@ -156,7 +171,8 @@ def copy_of(path: Path, tmp: Path, change: bool) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("base_name", ["causal_lm", "kv", "kv-qaic", "embedding", "checkpoint"])
+@pytest.mark.parametrize("base_name", ["causal_lm", "kv", "kv-qaic", "kv-lora", "vlm", "vlm-single", "vlm-llama4",
+                                       "embedding", "checkpoint"])
 def test_a_key_changes_exactly_with_what_its_stage_read(world: dict[str, Any], base_name: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QAIC_SDK_DIR", str(world["files"]["compile.qaic.sdk_dir"]))  # auto can find qaic
@@ -215,7 +231,8 @@ EXPORT_READS = {"compile.backend", "compile.qaic.use_onnx_subfunctions", "compil
                 "compile.qaic.device_group", "compile.qaic.compiler", "compile.qaic.sdk_dir"}
 
 
-@pytest.mark.parametrize("base_name", ["causal_lm", "kv", "kv-qaic", "embedding", "checkpoint"])
+@pytest.mark.parametrize("base_name", ["causal_lm", "kv", "kv-qaic", "kv-lora", "vlm", "vlm-single", "vlm-llama4",
+                                       "embedding", "checkpoint"])
 def test_buckets_compile_and_verify_settings_never_reach_load_or_export(world: dict[str, Any], base_name: str,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A change to a compile flag or a bucket recompiles; it never re-exports (the graph is symbolic)."""

@@ -16,7 +16,7 @@ MANIFESTS = sorted(p for p in (ROOT / "manifests").iterdir() if p.suffix in (".y
 def test_manifest_composes(path: Path) -> None:
     composed = compose(path)
     assert composed.name
-    assert composed.manifest.model.task in ("causal_lm", "embedding")
+    assert composed.manifest.model.task in ("causal_lm", "embedding", "image-text-to-text")
 
 
 def test_every_yaml_has_a_toml_twin_with_the_same_config() -> None:

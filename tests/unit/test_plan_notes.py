@@ -40,3 +40,16 @@ def test_auto_does_not_bet_a_build_on_a_compiler_no_sdk_vouches_for(tmp_path: Pa
     assert p.notes[0].startswith("compile.backend: auto -> onnxruntime (/bin/false has no Cloud AI 100 SDK")
     monkeypatch.setenv("QAIC_SDK_DIR", str(FAKE_SDK))  # an installation with its version files: auto takes it
     assert plan(TINY, ["compile=auto"], cache_dir=tmp_path).stage("compile").stage.backend.name == "qaic"
+
+
+def test_vlm_settings_of_a_text_only_model_are_noted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vlm.* shapes image-text-to-text builds only; a VLM's mxint8 KV cache is used (its language program's)."""
+    p = plan(TINY, ["vlm.max_num_tiles=5", "vlm.vision_batch_size=2"], cache_dir=tmp_path)
+    assert "vlm.max_num_tiles: 5 is not used: model.task is causal_lm, not image-text-to-text" in p.notes
+    assert "vlm.vision_batch_size: 2 is not used: model.task is causal_lm, not image-text-to-text" in p.notes
+    from tests.func.test_qaic_backend import FAKE_SDK
+
+    monkeypatch.setenv("QAIC_SDK_DIR", str(FAKE_SDK))
+    vlm = plan(ROOT / "manifests" / "tiny-llama4-vlm.yaml", ["compile=qaic", "compile.qaic.mxint8_kv_cache=true"],
+               cache_dir=tmp_path)
+    assert not [n for n in vlm.notes if "mxint8_kv_cache" in n or n.startswith("vlm.")]

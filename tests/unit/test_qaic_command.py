@@ -32,6 +32,14 @@ EMB_IO = ["input_ids", "attention_mask", "output"]
 PREFILL_DECODE = [{"name": "Prefill", "symbols": {"batch_size": 1, "seq_len": 32, "ctx_len": 128}},
                   {"name": "Decode", "symbols": {"batch_size": 1, "seq_len": 1, "ctx_len": 128}}]
 KV = {"transforms": {"apply": ["kv_cache"]}}
+# issue 13: the two programs of a VLM (reference qefficient-modes.md 1.3, 1.4, 1.6)
+VISION_IO = ["pixel_values", "vision_embeds"]
+LANG_IO = ["input_ids", "vision_embeds", "position_ids", "image_idx", *KV_IO[2:6], "logits",
+           "vision_embeds_RetainedState", "image_idx_output", *KV_IO[7:]]
+# vlm.mode single: one program, pixel_values retained (1.5 single-QPC specialisations, 1.6 single QPC custom_io)
+SINGLE_IO = ["pixel_values", "input_ids", "position_ids", "image_idx", *KV_IO[2:6], "logits",
+             "pixel_values_RetainedState", "image_idx_output", *KV_IO[7:]]
+VLM = {"model": {"task": "image-text-to-text"}, "compile": {"backend": "qaic", "qaic": {"num_cores": 16}}}
 
 
 def manifest(data: dict[str, Any]) -> Any:
@@ -46,6 +54,7 @@ class Case:
     io: list[str] = field(default_factory=lambda: KV_IO)
     sdk: Sdk = SDK
     retained_state: bool = True
+    vision_io: bool = False  # a VLM program: pixel_values / vision_embeds in custom_io.yaml
 
 
 CASES = {
@@ -79,6 +88,16 @@ CASES = {
                                     "extra_flags": {"stats-batchsize": 4, "-aic-perf-metrics": True,
                                                     "aic-pmu-recipe": False}}}},
         io=KV_IO_FUNCTIONS),
+    "vlm_vision": Case(VLM, specs=[{"name": "Vision", "symbols": {"batch_size": 1, "max_num_tiles": 17,
+                                                                  "img_size": 336}}],
+                       io=VISION_IO, retained_state=False, vision_io=True),
+    "vlm_language": Case(VLM, specs=[{"name": n, "symbols": {**s["symbols"], "vision_size": 20}}
+                                     for n, s in zip(["Prefill", "Decode"], PREFILL_DECODE, strict=True)],
+                         io=LANG_IO, vision_io=True),
+    "vlm_single": Case(VLM, specs=[{"name": n, "symbols": {**s["symbols"], "img_size": 896, "vision_size": 256,
+                                                           "vision_batch_size": 1}}
+                                   for n, s in zip(["Prefill", "Decode"], PREFILL_DECODE, strict=True)],
+                       io=SINGLE_IO, vision_io=True),
 }
 
 
@@ -90,7 +109,7 @@ def render(case: Case) -> dict[str, str]:
     hw = m.compile.qaic.aic_hw_version or "ai100"
     dtype = qaic_command.export_dtype(m.model.dtype, hw) if case.retained_state else None  # the KV task's export
     o = qaic_command.options(m, sdk=case.sdk, hw_version=hw, spec_format=qaic_sdk.specializations_format(m, case.sdk),
-                             retained_state=case.retained_state, graph_dtype=dtype)
+                             retained_state=case.retained_state, graph_dtype=dtype, vision_io=case.vision_io)
     specs = get_task("causal_lm_kv").specializations(m) if case.specs is None else case.specs
     files = qaic_command.side_files(o, specs, case.io)
     cmd = qaic_command.argv(o, custom_io=qaic_command.CUSTOM_IO_FILE in files)
@@ -223,6 +242,27 @@ def test_hw_version_from_the_manifest_qaic_util_or_the_default(tmp_path: Path,
                                                                  "QID 0 AIC200_ES")
     nothing = Sdk("c", "qaic-compile", root=str(tmp_path / "no-sdk"))
     assert qaic_sdk.hw_version(manifest({}), nothing)[0] == "ai100"
+
+
+def test_vlm_custom_io_follows_the_dtype_map_and_the_bf16_rule() -> None:
+    """pixel_values / vision_embeds take the mapped model dtype; no custom-IO file when the model and its KV are
+    bfloat16 (QEfficient 1.6), but with an mxint8 KV the language program's vision_embeds stay bfloat16."""
+    def io(data: dict[str, Any], retained: bool, names: list[str]) -> str | None:
+        m = manifest({**VLM, **data})
+        o = qaic_command.options(m, sdk=SDK, hw_version="ai200", spec_format="named", retained_state=retained,
+                                 vision_io=True)
+        return qaic_command.side_files(o, [], names).get(qaic_command.CUSTOM_IO_FILE)
+
+    bf16 = {"model": {"task": "image-text-to-text", "dtype": "bfloat16"}}
+    assert io(bf16, False, VISION_IO) is None and io(bf16, True, LANG_IO) is None
+    mxint8 = {**bf16, "compile": {"backend": "qaic", "qaic": {"mxint8_kv_cache": True}}}
+    text = io(mxint8, True, LANG_IO)
+    assert text is not None and text.startswith(" - IOName: vision_embeds\n   Precision: bfloat16\n\n - IOName: "
+                                                "vision_embeds_RetainedState\n   Precision: bfloat16\n\n - IOName: "
+                                                "past_key.0\n   Precision: mxint8\n")
+    assert io({"model": {"task": "image-text-to-text", "dtype": "float16"}}, False, VISION_IO) == (
+        " - IOName: pixel_values\n   Precision: float16\n\n - IOName: vision_embeds\n   Precision: float16\n\n")
+    assert io({}, True, KV_IO) == render(CASES["causal_lm_2_prefill"])["custom_io.yaml"]  # no vision names: KV only
 
 
 def test_kv_custom_io_keeps_only_the_graphs_names() -> None:

@@ -26,16 +26,19 @@ NOT_RECIPES = ("__init__.py", "__main__.py", "api.py", "cli.py", "errors.py", "s
 
 def recipe_files() -> set[str]:
     from qbuild.backends import _BACKENDS, get_backend
+    from qbuild.stages.adapters import AdaptersStage
     from qbuild.stages.compile import CompileStage
     from qbuild.stages.export import ExportStage
     from qbuild.stages.finetune import FinetuneStage
     from qbuild.stages.load import LoadStage
     from qbuild.stages.verify import VerifyStage
+    from qbuild.stages.vlm import VLMLoadStage
     from qbuild.tasks import _TASKS, get_task
+    from qbuild.tasks.kv_lora import KVLoraTask
 
-    patterns: set[str] = {*LoadStage.code, *FinetuneStage.code}
-    for t in _TASKS:
-        task = get_task(t)
+    patterns: set[str] = {*LoadStage.code, *FinetuneStage.code, *AdaptersStage.code}
+    patterns |= set(VLMLoadStage.code)  # issue 13: an image-text-to-text build's stages (qbuild/stages/vlm.py)
+    for task in [*(get_task(t) for t in _TASKS), KVLoraTask()]:  # KVLoraTask: causal_lm_kv with model.adapters
         patterns |= {*ExportStage(task).code, *VerifyStage(task).code}
         for b in _BACKENDS:
             patterns |= set(CompileStage(get_backend(b), task).code)
