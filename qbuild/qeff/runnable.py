@@ -79,9 +79,12 @@ class CompiledModel:
         return [s.get("symbols", s) for s in specs]
 
     def generate(self, tokenizer: Any = None, prompts: str | Sequence[str] = (), *,
-                 generation_len: int | None = None) -> ExecInfo:
+                 generation_len: int | None = None,
+                 prompt_to_adapter_mapping: Sequence[str] | None = None) -> ExecInfo:
         """Greedy tokens for each prompt (a KV causal LM). ``tokenizer``: a transformers tokenizer (None: the
-        build's); ``generation_len``: new tokens at most (default: what the context leaves)."""
+        build's); ``generation_len``: new tokens at most (default: what the context leaves);
+        ``prompt_to_adapter_mapping``: the LoRA adapter of each prompt (``model.adapters`` names, ``base``),
+        as QEfficient's multi-adapter ``generate``."""
         if self.task != "causal_lm_kv":
             raise RunError(f"{self.artifact}: generate needs a KV-cache causal LM, this artifact is {self.task}",
                            hint="encoders: use encode(inputs) or embed(texts)")
@@ -100,10 +103,12 @@ class CompiledModel:
             raise RunError(f"generation_len must be a positive int, got {generation_len!r}",
                            hint=f"at most ctx_len ({ctx_len}) - the longest prompt ({longest} tokens)")
         from qbuild.runtime.generate import open_runtime
+        from qbuild.runtime.lora import adapter_ids, known_adapters
 
+        lora_ids = adapter_ids(known_adapters(self.export_dir), list(prompt_to_adapter_mapping or ()), len(ids))
         rt = open_runtime(self.artifact, ctx_len=ctx_len, buckets=buckets)
         t0 = time.perf_counter()
-        g = rt.generate(ids, generation_len, eos)
+        g = rt.generate(ids, generation_len, eos, lora_ids=lora_ids)
         total = time.perf_counter() - t0
         new = sum(len(t) for t in g.tokens)
         perf = {"prefill_time": g.prefill_s, "decode_time": g.decode_s, "total_time": total,

@@ -241,3 +241,15 @@ def test_the_qaic_build_hands_the_compiler_lora_ids(built: dict[str, Any], tmp_p
     assert len([n for n in graph.node if n.op_type == "Gather" and "lora" in "".join(n.input)]) == 3 * 4 * 2
     assert json.loads((Path(r.artifacts["onnx"]).parent / "adapters.json").read_text())["adapters"][0]["name"] == "math"
 
+
+
+def test_the_qefficient_style_compiled_model_takes_a_prompt_to_adapter_mapping(built: dict[str, Any]) -> None:
+    from qbuild.manifest import compose
+    from qbuild.qeff.runnable import CompiledModel
+
+    model = CompiledModel.from_build(compose(MANIFEST, FAST), built["result"])
+    got = model.generate(prompts=[PROMPTS[0], PROMPTS[0]], generation_len=10,
+                         prompt_to_adapter_mapping=["poetry", "base"])
+    assert got.generated_ids == [built["report"]["tokens"]["poetry"][0], built["report"]["tokens"]["base"][0]]
+    with pytest.raises(RunError, match="unknown adapter 'nope'"):
+        model.generate(prompts=[PROMPTS[0]], prompt_to_adapter_mapping=["nope"])
