@@ -76,6 +76,13 @@ def ignored_settings(m: Manifest, backend: str, task: str) -> list[str]:
     elif task == "image_text_to_text_single" and m.vlm.vision_batch_size != 1:  # pixel_values take seq.batch_size
         notes.append(f"vlm.vision_batch_size: {m.vlm.vision_batch_size} is not used: vlm.mode single has no vision "
                      "program (its pixel_values take the images of seq.batch_size rows)")
+    if task.startswith("image_text_to_text") and m.vlm.max_num_tiles != type(m.vlm)().max_num_tiles:
+        from qbuild.vlm import vision_facts
+
+        family = vision_facts(m).family
+        if family != "llama4":
+            notes.append(f"vlm.max_num_tiles: {m.vlm.max_num_tiles} is not used: {family} does not tile its images "
+                         "(only Llama 4 does)")
     return notes
 
 

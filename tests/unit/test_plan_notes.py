@@ -53,3 +53,10 @@ def test_vlm_settings_of_a_text_only_model_are_noted(tmp_path: Path, monkeypatch
     vlm = plan(ROOT / "manifests" / "tiny-llama4-vlm.yaml", ["compile=qaic", "compile.qaic.mxint8_kv_cache=true"],
                cache_dir=tmp_path)
     assert not [n for n in vlm.notes if "mxint8_kv_cache" in n or n.startswith("vlm.")]
+
+
+def test_max_num_tiles_of_a_model_that_does_not_tile_is_noted(tmp_path: Path) -> None:
+    gemma = plan(ROOT / "manifests" / "tiny-gemma3-vlm.yaml", ["vlm.max_num_tiles=5"], cache_dir=tmp_path)
+    assert "vlm.max_num_tiles: 5 is not used: gemma3 does not tile its images (only Llama 4 does)" in gemma.notes
+    llama4 = plan(ROOT / "manifests" / "tiny-llama4-vlm.yaml", ["vlm.max_num_tiles=3"], cache_dir=tmp_path)
+    assert not [n for n in llama4.notes if n.startswith("vlm.max_num_tiles")]
