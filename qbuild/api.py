@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,15 @@ def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *
     """Plan and execute; with ``execute_as`` (a command name), first check that this machine can execute the
     artifact, as its backend says for the options it will be compiled with (before a long compile).
     ``until``: execute the stages up to and including that one only."""
+    with _built(composed, cache, reporter, execute_as=execute_as, remote=remote, until=until) as result:
+        return result
+
+
+@contextlib.contextmanager
+def _built(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *, execute_as: str = "",
+           remote: PathLike | None = None, until: str | None = None) -> Iterator[BuildResult]:
+    """:func:`_build`, holding every entry the build used against ``qbuild cache gc`` / ``rm`` (the store's
+    shared locks on their use markers) until the block ends: run and embed read the artifact inside it."""
     import dataclasses
 
     store = Store(cache, remote=_remote(remote, composed))
@@ -102,7 +112,9 @@ def _build(composed: ComposedManifest, cache: Path, reporter: Reporter | None, *
         reporter.emit({"event": "plan", "notes": the_plan.notes,
                        "stages": [{"name": s.name, "key": s.key, "state": s.state, "reasons": s.reasons}
                                   for s in the_plan.stages]})
-        return execute(the_plan, store, reporter)
+        result = execute(the_plan, store, reporter)
+        reporter.close()
+        yield result
     finally:
         store.close()
         reporter.close()
@@ -185,8 +197,8 @@ def run(manifest: PathLike | ComposedManifest | ApiManifest, overrides: Sequence
     from qbuild.runtime.lora import BASE, adapter_ids
 
     adapter_ids([BASE, *adapter_names(composed.manifest)], adapters, len(prompts))  # before building: bad names
-    result = _build(composed, cache, reporter, execute_as="qbuild run", remote=remote)
-    return _generate(composed, result, list(prompts), max_new_tokens, on_text, adapters)
+    with _built(composed, cache, reporter, execute_as="qbuild run", remote=remote) as result:
+        return _generate(composed, result, list(prompts), max_new_tokens, on_text, adapters)
 
 
 def _generate_vlm(composed: ComposedManifest, cache: Path, reporter: Reporter | None, remote: PathLike | None,
@@ -196,9 +208,9 @@ def _generate_vlm(composed: ComposedManifest, cache: Path, reporter: Reporter | 
     from qbuild.vlm.runtime import generate_build, pair_images
 
     paired = pair_images(images, prompts)  # before building: a missing file fails fast
-    result = _build(composed, cache, reporter, execute_as="qbuild run", remote=remote)
     m = composed.manifest
-    tokens, texts, stats = generate_build(result.artifacts, m.seq.ctx_len, m.seq.lengths, prompts, paired,
+    with _built(composed, cache, reporter, execute_as="qbuild run", remote=remote) as result:
+        tokens, texts, stats = generate_build(result.artifacts, m.seq.ctx_len, m.seq.lengths, prompts, paired,
                                           max_new_tokens, on_text)
     return RunResult(prompts, tokens, texts, stats)
 
@@ -258,8 +270,8 @@ def embed(manifest: PathLike | ComposedManifest | ApiManifest, texts: Sequence[s
     if m.model.task != "embedding":
         raise ManifestError(f"model.task: qbuild embed needs an embedding model, not {m.model.task}",
                             key="model.task", hint="use an encoder manifest, e.g. manifests/minilm.yaml")
-    result = _build(composed, cache, reporter, execute_as="qbuild embed", remote=remote)
-    return embed_build(composed, result, cache, texts, progress)
+    with _built(composed, cache, reporter, execute_as="qbuild embed", remote=remote) as result:
+        return embed_build(composed, result, cache, texts, progress)
 
 
 def load(source: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[str] = (), *,

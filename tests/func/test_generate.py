@@ -134,3 +134,24 @@ def test_run_refuses_an_artifact_it_cannot_execute_before_building(tmp_path: Pat
                       cache=tmp_path / "cache")
     assert proc.returncode == 9 and "cannot execute a qaic artifact" in proc.stderr
     assert not (tmp_path / "cache" / "objects").exists()
+
+
+def test_the_entries_a_run_reads_are_held_against_cache_rm_until_it_ends(tmp_path: Path,
+                                                                         warm_kv_export: Path) -> None:
+    """run holds the build's use markers while it generates: a concurrent `qbuild cache rm` (or gc) skips the
+    artifact then, and removes it once the run has ended."""
+    from qbuild.store.maintenance import rm
+    from tests.conftest import KV, copy_cache
+
+    cache = copy_cache(warm_kv_export, tmp_path / "cache")
+    fast = ["verify.enabled=false", "seq.lengths=[16]", "seq.ctx_len=64"]
+    name = f"compile/{plan(KV, fast, cache_dir=cache).stage('compile').key}"
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def on_text(_row: int, _text: str) -> None:  # called while the run generates
+        if not seen:
+            seen.append(rm(cache, [name]))
+
+    run(KV, fast, prompts=["My name is"], max_new_tokens=4, cache_dir=cache, on_text=on_text)
+    assert seen == [([], [name])]  # skipped: in use by the run
+    assert rm(cache, [name]) == ([name], [])  # the run has ended: removed
