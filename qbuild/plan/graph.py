@@ -56,6 +56,10 @@ def ignored_settings(m: Manifest, backend: str, task: str) -> list[str]:
     if m.finetune.method == "none":
         notes += [f"finetune.{k}: {json.dumps(v, default=str)} is not used: finetune.method is none"
                   for k, v in _changed_fields(m.finetune).items()]
+    if not any("seed" in a for a in m.model.adapters):  # model.lora shapes only the random adapters
+        why = "model.adapters has no random adapter ({name, seed})" if m.model.adapters else "model.adapters is empty"
+        notes += [f"model.lora.{k}: {json.dumps(v, default=str)} is not used: {why}"
+                  for k, v in _changed_fields(m.model.lora).items()]
     for group in ("onnxruntime", "qaic", "qnn"):
         if group == backend:
             continue

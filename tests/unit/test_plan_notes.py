@@ -60,3 +60,11 @@ def test_max_num_tiles_of_a_model_that_does_not_tile_is_noted(tmp_path: Path) ->
     assert "vlm.max_num_tiles: 5 is not used: gemma3 does not tile its images (only Llama 4 does)" in gemma.notes
     llama4 = plan(ROOT / "manifests" / "tiny-llama4-vlm.yaml", ["vlm.max_num_tiles=3"], cache_dir=tmp_path)
     assert not [n for n in llama4.notes if n.startswith("vlm.max_num_tiles")]
+
+
+def test_model_lora_without_a_random_adapter_is_noted(tmp_path: Path) -> None:
+    kv = ROOT / "manifests" / "tiny-llama-kv.yaml"
+    p = plan(kv, ["model.lora.r=4"], cache_dir=tmp_path)
+    assert "model.lora.r: 4 is not used: model.adapters is empty" in p.notes
+    random = plan(ROOT / "manifests" / "tiny-llama-multilora.yaml", ["model.lora.r=4"], cache_dir=tmp_path)
+    assert not [n for n in random.notes if n.startswith("model.lora.")]  # its random adapters take r
