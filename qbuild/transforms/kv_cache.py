@@ -50,25 +50,51 @@ _SWAPPED: dict[tuple[type, type], type] = {}
 
 
 # ---------------------------------------------------------------------------------------------- ops
-def scatter_slots(ctx_len: Any, position_ids: torch.Tensor,
-                  updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache slots ``[B,S]`` and values ``[B,H,S,D]`` to write: padding rewrites the row's last valid
-    token's slot with that token's values; an all-padding row writes slot ``ctx_len - 1`` (module doc)."""
-    b, h, _s, d = updates.shape
+def scatter_plan(ctx_len: Any, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What every cache write of one forward shares (computed once, not per layer and tensor): ``last [B,1]``,
+    the index of the row's last valid token; ``pad [B,S]``; ``slot [B,S]``, the cache slot each token writes
+    (padding rewrites its row's last valid token's slot; an all-padding row writes ``ctx_len - 1``)."""
     last = position_ids.argmax(dim=1, keepdim=True)  # [B,1] index of the row's last valid token
     top = position_ids.gather(1, last)  # [B,1] its position; -1 for an all-padding row
     pad = position_ids < 0  # [B,S]
     slot = torch.where(pad, top, position_ids)  # [B,S]
     slot = torch.where(slot < 0, torch.full_like(slot, ctx_len - 1), slot)
-    last_update = updates.gather(2, last[:, None, :, None].expand(b, h, 1, d))  # [B,H,1,D]
-    return slot, torch.where(pad[:, None, :, None], last_update, updates)  # [B,S], [B,H,S,D]
+    return {"last": last, "pad": pad, "slot": slot}
 
 
-def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """Write ``updates [B,H,S,D]`` into ``cache [B,H,C,D]`` at slots ``position_ids [B,S]`` (see module doc)."""
+def scatter_values(plan: dict[str, torch.Tensor], updates: torch.Tensor) -> torch.Tensor:
+    """``updates [B,H,S,D]`` with each padding token's values replaced by its row's last valid token's."""
+    b, h, _s, d = updates.shape
+    last_update = updates.gather(2, plan["last"][:, None, :, None].expand(b, h, 1, d))  # [B,H,1,D]
+    return torch.where(plan["pad"][:, None, :, None], last_update, updates)
+
+
+def scatter_slots(ctx_len: Any, position_ids: torch.Tensor,
+                  updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache slots ``[B,S]`` and values ``[B,H,S,D]`` to write: padding rewrites the row's last valid
+    token's slot with that token's values; an all-padding row writes slot ``ctx_len - 1`` (module doc)."""
+    plan = scatter_plan(ctx_len, position_ids)
+    return plan["slot"], scatter_values(plan, updates)
+
+
+def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.Tensor,
+                plan: dict[str, Any] | None = None) -> torch.Tensor:
+    """Write ``updates [B,H,S,D]`` into ``cache [B,H,C,D]`` at slots ``position_ids [B,S]`` (see module doc).
+
+    ``plan``: a dict shared by the writes of one forward (:func:`scatter_plan`, and the expanded scatter index
+    per cache shape): the exported graph then computes them once instead of once per layer and tensor."""
     b, h, s, d = updates.shape
-    slot, updates = scatter_slots(cache.shape[2], position_ids, updates)
-    return cache.scatter(2, slot[:, None, :, None].expand(b, h, s, d), updates)
+    if plan is None:
+        plan = scatter_plan(cache.shape[2], position_ids)
+    # keyed by the static dims only (batch and sequence are the same for every write of one forward; hashing a
+    # symbolic dim would specialise a dynamo export to the example's shape)
+    key = ("index", h, d) if isinstance(h, int) and isinstance(d, int) else None
+    index = plan.get(key) if key else None
+    if index is None:
+        index = plan["slot"][:, None, :, None].expand(b, h, s, d)
+        if key:
+            plan[key] = index
+    return cache.scatter(2, index, scatter_values(plan, updates))
 
 
 def qaic_update(cache_k: torch.Tensor, cache_v: torch.Tensor, position_ids: torch.Tensor, k: torch.Tensor,
@@ -219,9 +245,13 @@ def attend(
 ) -> torch.Tensor:
     """Masked attention of ``q [B,Hq,S,D]`` over the cache ``k, v [B,Hkv,C,D]``; returns ``[B,S,Hq*D]``."""
     b, hq, s, d = q.shape
-    groups = hq // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B,Hq,S,C]
+    hkv = k.shape[1]
+    groups = hq // hkv
+    # grouped-query attention without repeat_kv's copy of the whole cache per query head: the ``groups`` query
+    # heads that share a KV head are ``groups * S`` query rows of that head (head ``kv * groups + j`` reads KV
+    # head ``kv``, as repeat_kv orders them); the same dot products, the cache read once
+    qg = q.contiguous().reshape(b, hkv, groups * s, d) if groups > 1 else q
+    scores = (torch.matmul(qg, k.transpose(2, 3)) * scaling).reshape(b, hq, s, k.shape[2])  # [B,Hq,S,C]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
@@ -229,7 +259,7 @@ def attend(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     else:
         probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v)  # [B,Hq,S,D]
+    out = torch.matmul(probs.reshape(b, hkv, groups * s, k.shape[2]), v).reshape(b, hq, s, v.shape[-1])
     return out.transpose(1, 2).reshape(b, s, hq * v.shape[-1])
 
 
@@ -310,8 +340,11 @@ class KVCausalLM:
         if self.kv_ops == "qaic":
             invalid = 0 if self.kv_sub_functions else None  # QEfficient's InvalidIndexProvider
             return qaic_update(past_k, past_v, ctx["position_ids"], k, v, invalid)  # type: ignore[return-value]
-        past_k = ctx_scatter(past_k, ctx["position_ids"], k)
-        past_v = ctx_scatter(past_v, ctx["position_ids"], v)
+        plan = ctx.get("scatter_plan")  # one per forward (every layer's cache has the same ctx_len)
+        if plan is None:
+            plan = ctx["scatter_plan"] = scatter_plan(past_k.shape[2], ctx["position_ids"])
+        past_k = ctx_scatter(past_k, ctx["position_ids"], k, plan)
+        past_v = ctx_scatter(past_v, ctx["position_ids"], v, plan)
         return past_k, past_v, past_k, past_v
 
     def kv_logits(self, h: torch.Tensor) -> torch.Tensor:
