@@ -292,5 +292,14 @@ def load(source: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[
         return CompiledModel.from_dir(Path(source))
     cache = _cache(cache_dir)
     composed = _composed(source, overrides, cache, write=True)
-    result = _build(composed, cache, reporter, remote=remote)
-    return CompiledModel.from_build(composed, result)
+    result, release = build_held(composed, cache, reporter, remote=remote)
+    return CompiledModel.from_build(composed, result).holding(release)
+
+
+def build_held(composed: ComposedManifest, cache: Path, reporter: Reporter | None = None, *,
+               remote: PathLike | None = None, until: str | None = None) -> tuple[BuildResult, Callable[[], None]]:
+    """:func:`build`, with every entry it used held against ``qbuild cache gc`` / ``rm`` until ``release()`` is
+    called (a runnable model reads its artifact long after the build: :meth:`CompiledModel.holding`)."""
+    held = _built(composed, cache, reporter, remote=remote, until=until)
+    result = held.__enter__()
+    return result, lambda: held.__exit__(None, None, None)

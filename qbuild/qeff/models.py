@@ -268,10 +268,18 @@ class QEFFTransformersBase:
         return self.onnx_path
 
     def _compile_and_open(self) -> Path:
-        manifest = self.manifest
-        result = self._build()
+        from qbuild.api import build_held
+
+        composed = self.manifest.compose(self._cache)
+        reporter = _Notes()
+        if self._compiled is not None:
+            self._compiled.close()  # the previous settings' entries
+        result, release = build_held(composed, self._cache, reporter)  # held while the compiled model lives
+        self.notes, self.last_build = reporter.notes, result
+        if "onnx" in result.artifacts:
+            self.onnx_path = Path(result.artifacts["onnx"])
         self.qpc_path = Path(result.artifacts["compiled"])
-        self._compiled = CompiledModel.from_build(manifest.compose(self._cache), result)
+        self._compiled = CompiledModel.from_build(composed, result).holding(release)
         return self.qpc_path
 
     def compiled(self) -> CompiledModel:

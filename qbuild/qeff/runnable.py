@@ -8,7 +8,8 @@ through it, so the API and ``qbuild run`` / ``qbuild embed`` use the same runtim
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,24 @@ class CompiledModel:
     model_dir: Path | None = None  # generation_config.json / config.json: the EOS ids
     export_dir: Path | None = None  # the export's saved runtime tokenizer (causal LMs)
     overflow: str = "error"
+    _release: Any = field(default=None, repr=False, compare=False)
+
+    def holding(self, release: Callable[[], None]) -> CompiledModel:
+        """Keep the build's cache entries held (against ``qbuild cache gc`` / ``rm``) while this model lives:
+        ``release`` runs at :meth:`close`, at the end of a ``with`` block, or when the model is collected."""
+        self._release = weakref.finalize(self, release)
+        return self
+
+    def close(self) -> None:
+        """Release the cache entries this model reads (it still runs, but gc or rm may now remove them)."""
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self) -> CompiledModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_build(cls, composed: ComposedManifest, result: BuildResult) -> CompiledModel:

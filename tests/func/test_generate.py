@@ -155,3 +155,22 @@ def test_the_entries_a_run_reads_are_held_against_cache_rm_until_it_ends(tmp_pat
     run(KV, fast, prompts=["My name is"], max_new_tokens=4, cache_dir=cache, on_text=on_text)
     assert seen == [([], [name])]  # skipped: in use by the run
     assert rm(cache, [name]) == ([name], [])  # the run has ended: removed
+
+
+def test_a_loaded_model_holds_its_entries_against_cache_rm_until_closed(tmp_path: Path,
+                                                                         warm_kv_export: Path) -> None:
+    """qbuild.load() returns a model that reads its artifact long after the build: the entries stay held (rm
+    skips them) while it lives, and a model whose entries were held still generates; close() releases them."""
+    from qbuild.api import load
+    from qbuild.store.maintenance import rm
+    from tests.conftest import KV, copy_cache
+
+    cache = copy_cache(warm_kv_export, tmp_path / "cache")
+    fast = ["verify.enabled=false", "seq.lengths=[16]", "seq.ctx_len=64"]
+    name = f"compile/{plan(KV, fast, cache_dir=cache).stage('compile').key}"
+    with load(KV, fast, cache_dir=cache) as model:
+        assert rm(cache, [name]) == ([], [name])  # skipped: in use by the loaded model
+        first = model.generate(prompts=["My name is"], generation_len=4)
+        assert rm(cache, [name]) == ([], [name])
+        assert first.generated_ids == model.generate(prompts=["My name is"], generation_len=4).generated_ids
+    assert rm(cache, [name]) == ([name], [])  # closed: removed
