@@ -242,9 +242,15 @@ def attend(
     scaling: float,
     softcap: float | None = None,
     softmax_fp32: bool = True,
+    repeat: bool = False,
 ) -> torch.Tensor:
-    """Masked attention of ``q [B,Hq,S,D]`` over the cache ``k, v [B,Hkv,C,D]``; returns ``[B,S,Hq*D]``."""
+    """Masked attention of ``q [B,Hq,S,D]`` over the cache ``k, v [B,Hkv,C,D]``; returns ``[B,S,Hq*D]``.
+
+    ``repeat``: grouped-query attention as QEfficient exports it (``repeat_kv``: the cache expanded per query
+    head; the qaic graph keeps that form), else by folding the query heads (below)."""
     b, hq, s, d = q.shape
+    if repeat and hq != k.shape[1]:
+        k, v = repeat_kv(k, hq // k.shape[1]), repeat_kv(v, hq // v.shape[1])
     hkv = k.shape[1]
     groups = hq // hkv
     # grouped-query attention without repeat_kv's copy of the whole cache per query head: the ``groups`` query

@@ -106,7 +106,8 @@ class KVLlama(KVCausalLM):
         q, k = self.kv_rope(i, q, k, ctx)
         past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,Hkv,C,D] each
         mask = ctx["masks"][self.kv_layer_type(i)]
-        out = attend(q, k_all, v_all, mask, attn.scaling, softcap=self.kv_softcap(attn))  # [B,S,Hq*D]
+        out = attend(q, k_all, v_all, mask, attn.scaling, softcap=self.kv_softcap(attn),
+                     repeat=self.kv_ops == "qaic")  # [B,S,Hq*D]
         return attn.o_proj(out), past_k, past_v
 
     def kv_softcap(self, attn: Any) -> float | None:

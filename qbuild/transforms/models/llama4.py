@@ -81,7 +81,8 @@ class KVLlama4(KVLlama):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B,H,S,D]
         past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,Hkv,C,D] each
         mask = ctx["masks"][self.kv_layer_type(i)]
-        out = attend(q, k_all, v_all, mask, attn.scaling, softmax_fp32=False)  # [B,S,Hq*D]
+        out = attend(q, k_all, v_all, mask, attn.scaling, softmax_fp32=False,
+                     repeat=self.kv_ops == "qaic")  # [B,S,Hq*D]
         return attn.o_proj(out), past_k, past_v
 
     def kv_moe(self, moe: Any, x: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,7 @@ class KVLlamaSwiftKV(KVLlama):
         b, t, _ = h.shape
         q = attn.q_proj_swiftkv(layer.input_layernorm(h)).view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B,Hq,1,D]
         q = rope_one(q, *ctx["rope"])
-        out = attend(q, k_all, v_all, ctx["masks"]["full_attention"], attn.scaling)  # [B,1,Hq*D]
+        out = attend(q, k_all, v_all, ctx["masks"]["full_attention"], attn.scaling,
+                     repeat=self.kv_ops == "qaic")  # [B,1,Hq*D]
         h = h + attn.o_proj(out)
         return h + layer.mlp(layer.post_attention_layernorm(h))
