@@ -298,8 +298,9 @@ def load(source: PathLike | ComposedManifest | ApiManifest, overrides: Sequence[
 
 def build_held(composed: ComposedManifest, cache: Path, reporter: Reporter | None = None, *,
                remote: PathLike | None = None, until: str | None = None) -> tuple[BuildResult, Callable[[], None]]:
-    """:func:`build`, with every entry it used held against ``qbuild cache gc`` / ``rm`` until ``release()`` is
-    called (a runnable model reads its artifact long after the build: :meth:`CompiledModel.holding`)."""
+    """:func:`build` (``until`` a step or stage name as there), with every entry it used held against ``qbuild
+    cache gc`` / ``rm`` until ``release()`` is called (a runnable model reads its artifact long after the build:
+    :meth:`CompiledModel.holding`)."""
     held = _built(composed, cache, reporter, remote=remote, until=until)
     result = held.__enter__()
     return result, lambda: held.__exit__(None, None, None)

@@ -249,37 +249,33 @@ class QEFFTransformersBase:
 
     # --- the graph -----------------------------------------------------------------------------------
 
-    def _build(self, until: str | None = None) -> BuildResult:
-        from qbuild.api import build
+    def _build(self, until: str | None = None) -> tuple[BuildResult, Callable[[], None]]:
+        """Build (what is cached is reused); the entries it used stay held against ``qbuild cache gc`` / ``rm``
+        until the returned ``release()`` is called."""
+        from qbuild.api import build_held
 
         reporter = _Notes()
-        result = build(self.manifest, cache_dir=self._cache, until=until, reporter=reporter)
+        result, release = build_held(self.manifest.compose(self._cache), self._cache, reporter, until=until)
         self.notes = reporter.notes
         self.last_build = result
         if "onnx" in result.artifacts:
             self.onnx_path = Path(result.artifacts["onnx"])
-        return result
+        return result, release
 
     def export(self, export_dir: Any = None) -> Path:
         """Load and export (cached when already built); returns the ONNX file's path."""
         self._check_compile_paths(f"{type(self).__name__}.export", None, export_dir)
-        self._build(until="export")
+        _, release = self._build(until="export")
+        release()
         assert self.onnx_path is not None
         return self.onnx_path
 
     def _compile_and_open(self) -> Path:
-        from qbuild.api import build_held
-
-        composed = self.manifest.compose(self._cache)
-        reporter = _Notes()
         if self._compiled is not None:
             self._compiled.close()  # the previous settings' entries
-        result, release = build_held(composed, self._cache, reporter)  # held while the compiled model lives
-        self.notes, self.last_build = reporter.notes, result
-        if "onnx" in result.artifacts:
-            self.onnx_path = Path(result.artifacts["onnx"])
+        result, release = self._build()  # held while the compiled model lives
         self.qpc_path = Path(result.artifacts["compiled"])
-        self._compiled = CompiledModel.from_build(composed, result).holding(release)
+        self._compiled = CompiledModel.from_build(self.manifest.compose(self._cache), result).holding(release)
         return self.qpc_path
 
     def compiled(self) -> CompiledModel:

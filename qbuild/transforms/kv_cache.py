@@ -256,8 +256,11 @@ def attend(
     # grouped-query attention without repeat_kv's copy of the whole cache per query head: the ``groups`` query
     # heads that share a KV head are ``groups * S`` query rows of that head (head ``kv * groups + j`` reads KV
     # head ``kv``, as repeat_kv orders them); the same dot products, the cache read once
-    qg = q.contiguous().reshape(b, hkv, groups * s, d) if groups > 1 else q
-    scores = (torch.matmul(qg, k.transpose(2, 3)) * scaling).reshape(b, hq, s, k.shape[2])  # [B,Hq,S,C]
+    if groups > 1:
+        q = q.contiguous().reshape(b, hkv, groups * s, d)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B,Hkv,groups*S,C]
+    if groups > 1:
+        scores = scores.reshape(b, hq, s, k.shape[2])  # [B,Hq,S,C]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
@@ -265,7 +268,11 @@ def attend(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     else:
         probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.reshape(b, hkv, groups * s, k.shape[2]), v).reshape(b, hq, s, v.shape[-1])
+    if groups > 1:
+        probs = probs.reshape(b, hkv, groups * s, k.shape[2])
+    out = torch.matmul(probs, v)  # [B,Hkv,groups*S,D]
+    if groups > 1:
+        out = out.reshape(b, hq, s, v.shape[-1])  # [B,Hq,S,D]
     return out.transpose(1, 2).reshape(b, s, hq * v.shape[-1])
 
 
