@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import mmap
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -130,15 +133,106 @@ def legacy_export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any)
                  if v.numel() <= _SHAPE_PARAM_NUMEL or not (v.is_floating_point() or v.is_complex())}
         return shape_pass(graph, small, opset)
 
+    dedup = torch._C._jit_pass_onnx_deduplicate_initializers
+
+    def lean_dedup(graph: Any, params: dict[str, Any], training: bool) -> Any:
+        # the pass compares every pair of same-shape weights by value, reading all of them; hand it only the
+        # weights that can have a twin (same type, shape, strides and sampled values), the rest stay as they are
+        maybe = _maybe_duplicates(params)
+        kept = {k: v for k, v in params.items() if k not in maybe}
+        return {**kept, **dedup(graph, {k: params[k] for k in maybe}, training)} if maybe else params
+
+    hooks = [m.register_forward_hook(_release_after_forward) for m in module.modules()
+             if next(m.parameters(recurse=False), None) is not None] if hasattr(module, "modules") else []
     with _LEAN_LOCK:
         graph_cls._export_onnx = lean_export_onnx
         torch._C._jit_pass_onnx_graph_shape_type_inference = lean_shape_pass
+        torch._C._jit_pass_onnx_deduplicate_initializers = lean_dedup
         try:
             torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
         finally:
             graph_cls._export_onnx = export_onnx
             torch._C._jit_pass_onnx_graph_shape_type_inference = shape_pass
+            torch._C._jit_pass_onnx_deduplicate_initializers = dedup
+            for hook in hooks:
+                hook.remove()
+    release_pages(captured.values())
     _attach_weights(path, captured)
+
+
+# --- keeping a memory-mapped model's weights out of the peak --------------------------------------------
+# The load stage's weights reach the export memory-mapped from safetensors: a weight read by the trace or
+# written to the data file stays resident (and counts in the process's RSS) until the mapping goes, so a
+# plain export ends with every weight in memory once (125M Llama: 0.48 GiB on top of the interpreter). Each
+# weight's pages are handed back once it has been used (MADV_PAGEOUT: clean file pages are dropped and read
+# again from the file if needed; anonymous or modified pages are never lost, without swap they just stay).
+#: tensors smaller than this are not worth a system call
+_RELEASE_MIN_BYTES = 1 << 20
+_MADV_PAGEOUT = 21
+_madvise: Any = None
+
+
+def release_pages(tensors: Any) -> None:
+    """Hand the whole pages under each CPU tensor of ``tensors`` back to the kernel (Linux; else nothing)."""
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _madvise = libc.madvise
+    if not _madvise:
+        return
+    page = mmap.PAGESIZE
+    for t in tensors:
+        if getattr(t, "device", None) is None or t.device.type != "cpu" or t.numel() == 0:
+            continue
+        span = (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))) * t.element_size()
+        if span < _RELEASE_MIN_BYTES or any(st < 0 for st in t.stride()):
+            continue
+        lo = -(-t.data_ptr() // page) * page
+        hi = (t.data_ptr() + span) // page * page
+        if hi > lo:
+            _madvise(lo, hi - lo, _MADV_PAGEOUT)  # advice: a failure (old kernel) changes nothing
+
+
+def _release_after_forward(module: Any, _args: Any, _out: Any) -> None:
+    release_pages(module.parameters(recurse=False))
+
+
+#: values compared per weight before two weights can be duplicates (the pass then compares them all)
+_SAMPLES = 64
+
+
+def _maybe_duplicates(params: dict[str, Any]) -> set[str]:
+    """Names of the weights that share type, shape, strides and ``_SAMPLES`` sampled values with another."""
+    import torch
+
+    groups: dict[Any, list[str]] = {}
+    unsure: set[str] = set()
+    for name, t in params.items():
+        if not isinstance(t, torch.Tensor):
+            return set(params)  # not what the pass expects to see: let it judge all of them
+        key: tuple[Any, ...] = (t.dtype, tuple(t.shape), t.stride(), str(t.device))
+        flat = _memory_order(t.detach())
+        if flat is None:
+            key += (name,)  # not a dense layout: the pass judges it (it can have a twin only by value)
+            unsure.add(name)
+        elif flat.numel() > 2 * _SAMPLES:  # the first and last bytes in memory: a few pages, not the weight
+            key += (torch.cat([flat[:_SAMPLES], flat[-_SAMPLES:]]).cpu().view(torch.uint8).numpy().tobytes(),)
+            release_pages([t])
+        else:
+            key += (flat.cpu().contiguous().view(torch.uint8).numpy().tobytes(),)
+        groups.setdefault(key, []).append(name)
+    return unsure | {n for names in groups.values() if len(names) > 1 for n in names}
+
+
+def _memory_order(t: Any) -> Any:
+    """``t``'s elements as a 1-D view in the order they lie in memory (a dense tensor, any dim order), or None."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    dense = t.permute(order) if t.dim() else t
+    return dense.view(-1) if dense.is_contiguous() else None
 
 
 #: a non-contiguous weight (a folded Transpose: a view of the module's weight) is copied out this much at a time
@@ -193,6 +287,7 @@ def _attach_weights(path: Path, params: dict[str, Any]) -> None:
                     offset = f.tell()
                 for chunk in _row_chunks(tensor):
                     f.write(memoryview(_bytes(chunk.contiguous())))
+                release_pages([tensor])
                 init.data_location = onnx.TensorProto.EXTERNAL
                 for key, val in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(nbytes))):
                     init.external_data.add(key=key, value=val)

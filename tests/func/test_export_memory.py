@@ -13,12 +13,33 @@ from tests.conftest import ROOT, run_qbuild
 
 CONFIG = {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
           "intermediate_size": 1024, "vocab_size": 32000}
-#: Measured (bench/export.py, 3 fresh-process runs each): export (peak - start) RSS / weights is 4.9x for this
-#: model (5.1x before issue 16) and 4.1x for the 125M one; the peak is torch.onnx.export itself (the bare
-#: exporter alone peaks as high: the module's weights, the C++ ModelProto, its serialised bytes and their Python
-#: copy). The smaller model's ratio carries the exporter's fixed overhead. 6.5x leaves ~30% for allocator noise
-#: and torch versions, and still fails when the stage holds one or two more full copies of the weights at the peak.
-MAX_RATIO = 6.5
+#: (peak - start) RSS / weights of this model's export stage: 0.75-0.77x in three cold builds (issue 16: the weights'
+#: pages are handed back once traced and written, the head is exported in blocks; 1.62x before, 4.9x before the
+#: lean exporter). Without MADV_PAGEOUT (Linux < 5.4) every traced weight stays resident: ~1.6x. Each bound
+#: leaves ~0.5x for allocator noise and torch versions, and still fails when the stage holds one more full copy.
+MAX_RATIO, MAX_RATIO_NO_PAGEOUT = 1.3, 2.1
+
+
+def _pageout_works(tmp: Path) -> bool:
+    """Does ``release_pages`` drop a read, file-backed tensor's pages from this process's RSS here?"""
+    import numpy as np
+    import torch
+
+    from qbuild.tasks.export_common import release_pages
+
+    def rss_file() -> int:
+        status = Path("/proc/self/status")
+        line = next((ln for ln in status.read_text().splitlines() if ln.startswith("RssFile:")), None) \
+            if status.exists() else None
+        return int(line.split()[1]) * 1024 if line else 0
+
+    n = 4 << 20
+    (tmp / "probe.bin").write_bytes(np.zeros(n, np.float32).tobytes())
+    t = torch.from_file(str(tmp / "probe.bin"), shared=False, size=n, dtype=torch.float32)
+    float(t.sum())
+    touched = rss_file()
+    release_pages([t])
+    return touched - rss_file() > (8 << 20)
 
 
 def test_export_peak_rss_is_bounded_by_the_weights(tmp_path: Path) -> None:
@@ -31,4 +52,5 @@ def test_export_peak_rss_is_bounded_by_the_weights(tmp_path: Path) -> None:
     weights = rec["weight_bytes"]
     assert weights > 80e6  # fp32, ~20M parameters: large enough that the exporter's fixed overhead is small
     ratio = (rec["peak_rss_bytes"] - rec["start_rss_bytes"]) / weights
-    assert 0 < ratio <= MAX_RATIO, f"export peak RSS grew {ratio:.2f}x the weights (bound {MAX_RATIO}x)"
+    bound = MAX_RATIO if _pageout_works(tmp_path) else MAX_RATIO_NO_PAGEOUT
+    assert 0 < ratio <= bound, f"export peak RSS grew {ratio:.2f}x the weights (bound {bound}x)"

@@ -46,7 +46,7 @@ class KVGemma3(KVLlama):
         return h, k, v
 
     def kv_logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(h)  # type: ignore[attr-defined]
+        logits = self.kv_head(h)
         cap = self.config.final_logit_softcapping  # type: ignore[attr-defined]
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -64,4 +64,4 @@ class KVGrok1(KVLlama):
         return out.view(b, s, hidden)
 
     def kv_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h) * self.config.output_multiplier_scale  # type: ignore[attr-defined]
+        return self.kv_head(h) * self.config.output_multiplier_scale  # type: ignore[attr-defined]
