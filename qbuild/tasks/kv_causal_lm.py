@@ -271,19 +271,22 @@ def _describe(model: Any, exporter: str, opset: int, files: list[str]) -> dict[s
 
 
 @contextlib.contextmanager
-def graph_form(model: Any, graph: str, dtype: str | None, sub_functions: bool = False) -> Iterator[dict[str, Any]]:
+def graph_form(model: Any, graph: str, dtype: str | None, sub_functions: bool = False,
+               exporter: str = "legacy") -> Iterator[dict[str, Any]]:
     """The model as the ``graph`` form exports it, for the time of the block; yields what was changed.
 
     ``qaic``: CtxScatter/CtxGather cache ops and CustomRMSNorm norms; ``plain``: a large output head as column
-    blocks (:func:`~qbuild.transforms.kv_cache.head_blocks`); ``dtype``: parameters and buffers cast to it;
-    ``sub_functions``: the decoder layers called as modules of a swapped class (its ``classes`` go to
+    blocks (:func:`~qbuild.transforms.kv_cache.head_blocks`) and, for the legacy exporter, RoPE as ONNX Runtime's
+    RotaryEmbedding (:func:`~qbuild.transforms.models.llama.rope_tables`); ``dtype``: parameters and buffers
+    cast to it; ``sub_functions``: the decoder layers called as modules of a swapped class (its ``classes`` go to
     ``export_modules_as_functions``) and the invalid cache index 0 (qbuild.transforms.kv_cache.layer_functions).
-    Everything is put back afterwards (the model may be shared with other builds of this
-process; a bfloat16 -> float32 -> bfloat16 round trip is exact)."""
+    Everything is put back afterwards (the model may be shared with other builds of this process; a bfloat16 ->
+    float32 -> bfloat16 round trip is exact)."""
     import torch
 
     from qbuild.transforms.custom_ops import swapped_rmsnorm
     from qbuild.transforms.kv_cache import head_blocks, kv_ops, layer_functions
+    from qbuild.transforms.models.llama import rope_tables
 
     if graph not in ("plain", "qaic"):
         raise ExportError(f"unknown KV graph form {graph!r}; expected plain or qaic")
@@ -299,8 +302,11 @@ process; a bfloat16 -> float32 -> bfloat16 round trip is exact)."""
         if graph == "qaic":
             report["custom_rmsnorm"] = stack.enter_context(swapped_rmsnorm(model))["swapped"]
             stack.enter_context(kv_ops(model, "qaic"))
-        elif (blocks := stack.enter_context(head_blocks(model))) > 1:
-            report["head_blocks"] = blocks
+        else:
+            if (blocks := stack.enter_context(head_blocks(model))) > 1:
+                report["head_blocks"] = blocks
+            if exporter == "legacy" and stack.enter_context(rope_tables(model)):
+                report["rotary"] = "com.microsoft RotaryEmbedding"
         if sub_functions:
             classes = stack.enter_context(layer_functions(model))
             report.update(sub_functions=sorted(c.__name__ for c in classes), invalid_index=0, classes=classes)
@@ -332,7 +338,7 @@ def export_kv_causal_lm(model: Any, out_dir: Path, *, exporter: str, opset: int,
     names = io_names(model.kv_num_layers())
     before = output_files(out_dir)
     try:
-        with quiet(), graph_form(model, graph, dtype, sub_functions) as form:
+        with quiet(), graph_form(model, graph, dtype, sub_functions, exporter) as form:
             wrapper, args = _wrapper(model, model.kv_num_layers()), example_inputs(model)
             if exporter == "dynamo":
                 _export_dynamo(wrapper, args, path, opset, names)

@@ -62,11 +62,34 @@ def scatter_plan(ctx_len: Any, position_ids: torch.Tensor) -> dict[str, torch.Te
     return {"last": last, "pad": pad, "slot": slot}
 
 
+def _static_key(name: str, heads: Any, head_dim: Any) -> tuple[str, int, int] | None:
+    """A plan key for tensors of these static dims: plain ints, or the 0-d tensors a legacy (jit) trace gives for
+    sizes; None for symbolic sizes (hashing one would specialise a dynamo export to the example's shape)."""
+    dims = []
+    for n in (heads, head_dim):
+        if isinstance(n, int):
+            dims.append(n)
+        elif isinstance(n, torch.Tensor) and torch.jit.is_tracing():
+            dims.append(int(n))  # a dict key only: nothing of it enters the graph
+        else:
+            return None
+    return (name, *dims)  # type: ignore[return-value]
+
+
 def scatter_values(plan: dict[str, torch.Tensor], updates: torch.Tensor) -> torch.Tensor:
     """``updates [B,H,S,D]`` with each padding token's values replaced by its row's last valid token's."""
     b, h, _s, d = updates.shape
-    last_update = updates.gather(2, plan["last"][:, None, :, None].expand(b, h, 1, d))  # [B,H,1,D]
-    return torch.where(plan["pad"][:, None, :, None], last_update, updates)
+    # the gather index and the padding condition are the same for every write of one forward (see ctx_scatter)
+    key = _static_key("last", h, d)
+    index = plan.get(key) if key else None
+    if index is None:
+        index = plan["last"][:, None, :, None].expand(b, h, 1, d)
+        if key:
+            plan[key] = index
+    pad = plan.get("pad4")
+    if pad is None:
+        pad = plan["pad4"] = plan["pad"][:, None, :, None]
+    return torch.where(pad, updates.gather(2, index), updates)  # a pad takes [B,H,1,D] of its row's last token
 
 
 def scatter_slots(ctx_len: Any, position_ids: torch.Tensor,
@@ -88,7 +111,7 @@ def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.
         plan = scatter_plan(cache.shape[2], position_ids)
     # keyed by the static dims only (batch and sequence are the same for every write of one forward; hashing a
     # symbolic dim would specialise a dynamo export to the example's shape)
-    key = ("index", h, d) if isinstance(h, int) and isinstance(d, int) else None
+    key = _static_key("index", h, d)
     index = plan.get(key) if key else None
     if index is None:
         index = plan["slot"][:, None, :, None].expand(b, h, s, d)
@@ -243,11 +266,13 @@ def attend(
     softcap: float | None = None,
     softmax_fp32: bool = True,
     repeat: bool = False,
+    folded_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked attention of ``q [B,Hq,S,D]`` over the cache ``k, v [B,Hkv,C,D]``; returns ``[B,S,Hq*D]``.
 
     ``repeat``: grouped-query attention as QEfficient exports it (``repeat_kv``: the cache expanded per query
-    head; the qaic graph keeps that form), else by folding the query heads (below)."""
+    head; the qaic graph keeps that form), else by folding the query heads (below). ``folded_mask``: ``mask``
+    as :func:`fold_mask` gives it (once per forward), which spares the scores two reshapes per layer."""
     b, hq, s, d = q.shape
     if repeat and hq != k.shape[1]:
         k, v = repeat_kv(k, hq // k.shape[1]), repeat_kv(v, hq // v.shape[1])
@@ -259,8 +284,11 @@ def attend(
     if groups > 1:
         q = q.contiguous().reshape(b, hkv, groups * s, d)
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B,Hkv,groups*S,C]
-    if groups > 1:
+    unfold = groups > 1 and folded_mask is None
+    if unfold:
         scores = scores.reshape(b, hq, s, k.shape[2])  # [B,Hq,S,C]
+    elif groups > 1:
+        mask = folded_mask  # [B,1,groups*S,C]: the mask of each folded query row
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
@@ -268,12 +296,23 @@ def attend(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     else:
         probs = torch.softmax(scores, dim=-1)
-    if groups > 1:
+    if unfold:
         probs = probs.reshape(b, hkv, groups * s, k.shape[2])
     out = torch.matmul(probs, v)  # [B,Hkv,groups*S,D]
     if groups > 1:
         out = out.reshape(b, hq, s, v.shape[-1])  # [B,Hq,S,D]
     return out.transpose(1, 2).reshape(b, s, hq * v.shape[-1])
+
+
+def fold_mask(ctx: dict[str, Any], kind: Any, mask: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """``mask [B,1,S,C]`` for :func:`attend`'s folded query rows (row ``j * S + s`` is query head ``j`` of a KV
+    head at position ``s``): ``[B,1,groups*S,C]``, made once per forward and mask kind; None for ``groups`` 1."""
+    if groups == 1:
+        return None
+    key = ("folded_mask", kind, groups)
+    if key not in ctx:
+        ctx[key] = mask.repeat(1, 1, groups, 1)
+    return ctx[key]
 
 
 def last_valid(hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

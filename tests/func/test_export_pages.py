@@ -150,3 +150,47 @@ def test_head_block_count() -> None:
     assert head_block_count(model, model[1].weight) == -(-768 * 32000 * 4 // HEAD_BLOCK_BYTES)  # 6 at 125M
     big = torch.nn.Sequential(torch.nn.Linear(4096, 4096, bias=False), torch.nn.Linear(256, 1000, bias=False))
     assert head_block_count(big, big[1].weight) == 1  # a head smaller than the other weights stays whole
+
+
+ROPES = {
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_rotary_embedding_op_gives_hf_tokens(rope: str, tmp_path: Path) -> None:
+    """The ONNX Runtime graph rotates q and k with com.microsoft RotaryEmbedding (2 nodes a layer, no Neg) for
+    RoPE types whose cos/sin are fixed per position; greedy tokens of a left-padded batch (padding positions -1)
+    equal HF's and logits are within ATOL of PyTorch. ``dynamic`` RoPE changes with the length: plain ops."""
+    import onnx
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qbuild.tasks.kv_causal_lm import export_kv_causal_lm
+    from qbuild.transforms import apply_transforms
+    from qbuild.transforms.models.llama import ROPE_TABLES
+
+    spec = tiny_model("llama").config.to_dict()
+    spec["rope_parameters"] = ROPES[rope]
+    config = AutoConfig.for_model("llama", **{k: v for k, v in spec.items() if k != "model_type"})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().requires_grad_(False)
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
+    apply_transforms(model, ["kv_cache"])
+    shape = cache_shape(model)
+    _tokens, pt_logits = kv_greedy(torch_step(model), shape, PROMPTS, NEW_TOKENS)
+    info = export_kv_causal_lm(model, tmp_path, exporter="legacy", opset=17)
+    assert not any(hasattr(model, n) for n in ROPE_TABLES)  # put back
+    ops = [n.op_type for n in onnx.load(str(tmp_path / info["onnx"]), load_external_data=False).graph.node]
+    layers = shape[0]
+    if rope == "dynamic":
+        assert "rotary" not in info["graph_form"] and "RotaryEmbedding" not in ops and "Neg" in ops
+    else:
+        assert info["graph_form"]["rotary"] and ops.count("RotaryEmbedding") == 2 * layers and "Neg" not in ops
+    tokens, ort_logits = kv_greedy(ort_step(tmp_path / info["onnx"]), shape, PROMPTS, NEW_TOKENS, chunk=8)
+    assert tokens == expected
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits, pt_logits, strict=True))
+    assert diff < ATOL, diff

@@ -13,16 +13,71 @@ Other families subclass :class:`KVLlama` and override the hooks that differ.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from qbuild.transforms.kv_cache import KVCausalLM, attend, causal_mask
+from qbuild.transforms.kv_cache import KVCausalLM, attend, causal_mask, fold_mask
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+#: RoPE types whose cos/sin at a position never change (``dynamic`` and ``longrope`` rescale with the length
+#: seen): only these are tabulated for ONNX Runtime's RotaryEmbedding
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+ROPE_TABLES = ("kv_rope_cos", "kv_rope_sin")
+
+
+class OrtRotary(torch.autograd.Function):
+    """Rotate-half RoPE of ``x [B,H,S,D]`` at positions ``pos [B,S]`` (clamped to >= 0) from the tables
+    ``cos, sin [P, D/2]``: one ``com.microsoft::RotaryEmbedding`` node in a legacy export instead of the
+    Slice/Neg/Concat/Mul/Add of :func:`rotate_half`; the same arithmetic when run eagerly."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,  # noqa: ANN401
+                sin: torch.Tensor) -> torch.Tensor:
+        c, s = cos[pos][:, None], sin[pos][:, None]  # [B,1,S,D/2]
+        return x * torch.cat((c, c), -1) + rotate_half(x) * torch.cat((s, s), -1)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, pos: Any, cos: Any, sin: Any) -> Any:
+        out = g.op("com.microsoft::RotaryEmbedding", x, pos, cos, sin, interleaved_i=0)
+        out.setType(x.type())
+        return out
+
+
+@contextlib.contextmanager
+def rope_tables(model: Any) -> Iterator[bool]:
+    """For the time of the block, a :class:`KVLlama` with a static RoPE holds its cos/sin for every position
+    (``[max_position_embeddings, head_dim / 2]`` buffers; the exported graph's initializers) and a legacy export
+    rotates q and k with ONNX Runtime's RotaryEmbedding (:class:`OrtRotary`): 2 nodes a layer instead of 14.
+    Yields whether it applies (other families, or a RoPE that changes with the length, keep the plain ops)."""
+    cls = type(model)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    applies = (isinstance(model, KVLlama) and cls.kv_context is KVLlama.kv_context
+               and cls.kv_rope is KVLlama.kv_rope and getattr(rotary, "rope_type", None) in STATIC_ROPE)
+    if applies:
+        positions = int(model.config.max_position_embeddings)
+        dummy = torch.empty(0, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = rotary(dummy, torch.arange(positions)[None])  # [1,P,D], exactly as the forward computes
+        half = cos.shape[-1] // 2
+        applies = bool(torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:]))
+    if not applies:
+        yield False
+        return
+    for name, table in zip(ROPE_TABLES, (cos, sin), strict=True):
+        model.register_buffer(name, table[0, :, :half].contiguous(), persistent=False)
+    try:
+        yield True
+    finally:
+        for name in ROPE_TABLES:
+            delattr(model, name)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -73,7 +128,13 @@ class KVLlama(KVCausalLM):
     def kv_context(self, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx_len: Any) -> dict[str, Any]:
         dummy = torch.empty(0, dtype=self.kv_backbone().embed_tokens.weight.dtype)
         cos, sin = self.kv_backbone().rotary_emb(dummy, position_ids)  # [B,S,D] each
-        return {"position_ids": position_ids, "masks": self.kv_masks(position_ids, ctx_len), "rope": (cos, sin)}
+        ctx = {"position_ids": position_ids, "masks": self.kv_masks(position_ids, ctx_len), "rope": (cos, sin)}
+        if torch.jit.is_tracing() and ROPE_TABLES[0] in self._buffers:  # type: ignore[attr-defined]
+            # a legacy export inside rope_tables(): kv_rope's RotaryEmbedding reads the tables (a padding position
+            # -1 reads row 0: its values are never seen, module doc of kv_cache); "rope" stays for code that reads
+            # it directly (SwiftKV), else the exporter drops its nodes
+            ctx["rope_table"] = (position_ids.clamp(min=0), *(getattr(self, n) for n in ROPE_TABLES))
+        return ctx
 
     def kv_embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.kv_backbone().embed_tokens(input_ids)
@@ -97,6 +158,9 @@ class KVLlama(KVCausalLM):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def kv_rope(self, i: int, q: torch.Tensor, k: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        if "rope_table" in ctx:
+            pos, cos_t, sin_t = ctx["rope_table"]
+            return OrtRotary.apply(q, pos, cos_t, sin_t), OrtRotary.apply(k, pos, cos_t, sin_t)
         cos, sin = ctx["rope"]
         return apply_rope(q, k, cos, sin)
 
@@ -105,9 +169,11 @@ class KVLlama(KVCausalLM):
         q, k, v = self.kv_qkv(attn, x)
         q, k = self.kv_rope(i, q, k, ctx)
         past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,Hkv,C,D] each
-        mask = ctx["masks"][self.kv_layer_type(i)]
-        out = attend(q, k_all, v_all, mask, attn.scaling, softcap=self.kv_softcap(attn),
-                     repeat=self.kv_ops == "qaic")  # [B,S,Hq*D]
+        kind = self.kv_layer_type(i)
+        mask, repeat = ctx["masks"][kind], self.kv_ops == "qaic"
+        groups = self.config.num_attention_heads // self.kv_cache_shape()[0]  # type: ignore[attr-defined]
+        out = attend(q, k_all, v_all, mask, attn.scaling, softcap=self.kv_softcap(attn), repeat=repeat,
+                     folded_mask=None if repeat else fold_mask(ctx, kind, mask, groups))  # [B,S,Hq*D]
         return attn.o_proj(out), past_k, past_v
 
     def kv_softcap(self, attn: Any) -> float | None:
