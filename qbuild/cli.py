@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                         "everything and fail if an output differs from the cached one; verify: re-digest "
                         "every cached file used; off: a throwaway cache")
     p.add_argument("--ignore-memory", action="store_true",
-                   help="build even when an export's estimated peak memory exceeds what is available")
+                   help="build even when the estimated peak memory of the export and compile exceeds what is available")
     p.add_argument("--out", help="build: write each manifest's artifacts and provenance.json to OUT/<name>/")
     p.add_argument("--remote", help="remote cache shared by several caches: a directory or an fsspec URL such as "
                                     "s3://bucket/prefix (default: cache.remote, then $QBUILD_REMOTE); missing "

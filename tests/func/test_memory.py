@@ -31,11 +31,11 @@ def test_plan_shows_the_estimate_and_a_build_refuses_before_starting(tmp_path: P
     m, cache = manifest(tmp_path, checkpoint), tmp_path / "cache"
     weights = (checkpoint / "model.safetensors").stat().st_size
     plan = json.loads(run_qbuild("plan", str(m), "--json", cache=cache, check=True).stdout)
-    (note,) = [n for n in plan["notes"] if n.startswith("export: estimated peak memory")]
-    assert f"5.0 x {weights / 2**30:.2f} GB of weights" in note and "available" in note
+    (note,) = [n for n in plan["notes"] if n.startswith("export + compile: estimated peak memory")]
+    assert f"2.0 x {weights / 2**30:.2f} GB of weights" in note and "available" in note
 
     refused = run_qbuild(str(m), cache=cache, env={"QBUILD_MEMORY_LIMIT": "64M"})
-    assert refused.returncode == 3 and "the export needs more memory than this machine has" in refused.stderr
+    assert refused.returncode == 3 and "the export and compile need more memory than this machine has" in refused.stderr
     assert "available 0.06 GB" in refused.stderr and "--ignore-memory" in refused.stderr
     assert not (cache / "objects").exists()  # refused before any stage ran
 
@@ -73,4 +73,16 @@ def test_the_ratio_is_measured_from_earlier_exports_of_real_size(tmp_path: Path)
     record("b", big, 400_000_000, 400_000_000 + 4 * big)
     record("c", big, 400_000_000, 400_000_000 + 9 * big)
     assert measured_ratio(tmp_path) == (4.0, 3)  # the median
+
+    def compile_record(name: str, export: str, start: int, peak: int) -> None:
+        d = tmp_path / "objects" / "compile" / name
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps({"identity": {"upstream": {"export": export}},
+                                                   "start_rss_bytes": start, "peak_rss_bytes": peak}))
+
+    compile_record("ca", "a", 400_000_000, 400_000_000 + 2 * big)  # below its export's 3x: the export's stands
+    assert measured_ratio(tmp_path) == (4.0, 3)
+    compile_record("ca2", "a", 400_000_000, 400_000_000 + 5 * big)  # a compile of "a" above it: a's ratio is 5
+    compile_record("cx", "unknown-export", 400_000_000, 400_000_000 + 50 * big)  # weights unknown: ignored
+    assert measured_ratio(tmp_path) == (5.0, 3)
     assert parse_size("1.5GiB", "x") == int(1.5 * 2**30) and parse_size("500M", "x") == 500 * 2**20
