@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import logging
@@ -134,15 +135,19 @@ def legacy_export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any)
         return shape_pass(graph, small, opset)
 
     dedup = torch._C._jit_pass_onnx_deduplicate_initializers
+    ranges = file_ranges()  # the weights' mappings exist before the export and stay for its time
 
     def lean_dedup(graph: Any, params: dict[str, Any], training: bool) -> Any:
         # the pass compares every pair of same-shape weights by value, reading all of them; hand it only the
         # weights that can have a twin (same type, shape, strides and sampled values), the rest stay as they are
-        maybe = _maybe_duplicates(params)
+        maybe = _maybe_duplicates(params, ranges)
         kept = {k: v for k, v in params.items() if k not in maybe}
         return {**kept, **dedup(graph, {k: params[k] for k in maybe}, training)} if maybe else params
 
-    hooks = [m.register_forward_hook(_release_after_forward) for m in module.modules()
+    def release_after_forward(m: Any, _args: Any, _out: Any) -> None:
+        release_pages(m.parameters(recurse=False), ranges)
+
+    hooks = [m.register_forward_hook(release_after_forward) for m in module.modules()
              if next(m.parameters(recurse=False), None) is not None] if hasattr(module, "modules") else []
     with _LEAN_LOCK:
         graph_cls._export_onnx = lean_export_onnx
@@ -156,8 +161,8 @@ def legacy_export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any)
             torch._C._jit_pass_onnx_deduplicate_initializers = dedup
             for hook in hooks:
                 hook.remove()
-    release_pages(captured.values())
-    _attach_weights(path, captured)
+    release_pages(captured.values(), ranges)
+    _attach_weights(path, captured, ranges)
 
 
 # --- keeping a memory-mapped model's weights out of the peak --------------------------------------------
@@ -172,8 +177,23 @@ _MADV_PAGEOUT = 21
 _madvise: Any = None
 
 
-def release_pages(tensors: Any) -> None:
-    """Hand the whole pages under each CPU tensor of ``tensors`` back to the kernel (Linux; else nothing)."""
+def file_ranges() -> list[tuple[int, int]]:
+    """The address ranges of this process's file-backed mappings (``/proc/self/maps``), sorted; [] elsewhere."""
+    ranges = []
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split(None, 5)
+            # address perms offset dev inode [path]: a file has an inode and a path ("[heap]" etc. have none)
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                lo, hi = fields[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return sorted(ranges)
+
+
+def release_pages(tensors: Any, ranges: list[tuple[int, int]] | None = None) -> None:
+    """Hand the whole pages under each CPU tensor of ``tensors`` back to the kernel when they lie in a file mapping
+    (``ranges``, :func:`file_ranges` if not given; Linux only, else nothing). Anonymous memory is left alone:
+    with swap, MADV_PAGEOUT would swap out weights still in use."""
     global _madvise
     if _madvise is None:
         _madvise = False
@@ -193,19 +213,18 @@ def release_pages(tensors: Any) -> None:
             continue
         lo = -(-t.data_ptr() // page) * page
         hi = (t.data_ptr() + span) // page * page
-        if hi > lo:
+        if ranges is None:
+            ranges = file_ranges()
+        i = bisect.bisect_right(ranges, (lo, float("inf"))) - 1
+        if hi > lo and i >= 0 and ranges[i][0] <= lo and hi <= ranges[i][1]:
             _madvise(lo, hi - lo, _MADV_PAGEOUT)  # advice: a failure (old kernel) changes nothing
-
-
-def _release_after_forward(module: Any, _args: Any, _out: Any) -> None:
-    release_pages(module.parameters(recurse=False))
 
 
 #: values compared per weight before two weights can be duplicates (the pass then compares them all)
 _SAMPLES = 64
 
 
-def _maybe_duplicates(params: dict[str, Any]) -> set[str]:
+def _maybe_duplicates(params: dict[str, Any], ranges: list[tuple[int, int]] | None = None) -> set[str]:
     """Names of the weights that share type, shape, strides and ``_SAMPLES`` sampled values with another."""
     import torch
 
@@ -221,7 +240,7 @@ def _maybe_duplicates(params: dict[str, Any]) -> set[str]:
             unsure.add(name)
         elif flat.numel() > 2 * _SAMPLES:  # the first and last bytes in memory: a few pages, not the weight
             key += (torch.cat([flat[:_SAMPLES], flat[-_SAMPLES:]]).cpu().view(torch.uint8).numpy().tobytes(),)
-            release_pages([t])
+            release_pages([t], ranges)
         else:
             key += (flat.cpu().contiguous().view(torch.uint8).numpy().tobytes(),)
         groups.setdefault(key, []).append(name)
@@ -261,7 +280,7 @@ _ONNX_DTYPES = {"float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "i
                 "float16": 10, "float64": 11, "uint32": 12, "uint64": 13, "bfloat16": 16}
 
 
-def _attach_weights(path: Path, params: dict[str, Any]) -> None:
+def _attach_weights(path: Path, params: dict[str, Any], ranges: list[tuple[int, int]] | None = None) -> None:
     """Turn the graph inputs named in ``params`` into initializers: values of ``EXTERNAL_MIN_BYTES`` or more
     appended to ``DATA_FILE`` (one tensor at a time, in the exporter's order), smaller ones inline."""
     import onnx
@@ -287,7 +306,7 @@ def _attach_weights(path: Path, params: dict[str, Any]) -> None:
                     offset = f.tell()
                 for chunk in _row_chunks(tensor):
                     f.write(memoryview(_bytes(chunk.contiguous())))
-                release_pages([tensor])
+                release_pages([tensor], ranges)
                 init.data_location = onnx.TensorProto.EXTERNAL
                 for key, val in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(nbytes))):
                     init.external_data.add(key=key, value=val)
