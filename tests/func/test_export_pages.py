@@ -216,3 +216,21 @@ def test_rotary_embedding_op_gives_hf_tokens(rope: str, tmp_path: Path) -> None:
     assert tokens == expected
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits, pt_logits, strict=True))
     assert diff < ATOL, diff
+
+
+def test_rope_tables_only_for_types_onnx_runtime_rotates() -> None:
+    """ONNX Runtime's CPU RotaryEmbedding runs float32 and float16: a bfloat16 model keeps the plain ops, and the
+    tables come in the model's dtype (a float32 table would turn float16 keys into float32 ones)."""
+    import torch
+
+    from qbuild.transforms import apply_transforms
+    from qbuild.transforms.models.llama import ROPE_TABLES, rope_tables
+
+    for dtype, expected in ((torch.bfloat16, False), (torch.float16, True), (torch.float32, True)):
+        model = tiny_model("llama").to(dtype)
+        apply_transforms(model, ["kv_cache"])
+        with rope_tables(model) as applies:
+            assert applies is expected, dtype
+            if applies:
+                assert all(getattr(model, n).dtype == dtype for n in ROPE_TABLES)
+        assert not any(hasattr(model, n) for n in ROPE_TABLES)

@@ -61,9 +61,11 @@ def rope_tables(model: Any) -> Iterator[bool]:
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     applies = (isinstance(model, KVLlama) and cls.kv_context is KVLlama.kv_context
                and cls.kv_rope is KVLlama.kv_rope and getattr(rotary, "rope_type", None) in STATIC_ROPE)
+    dtype = model.kv_backbone().embed_tokens.weight.dtype if applies else None
+    applies = applies and dtype in (torch.float32, torch.float16)  # ONNX Runtime's CPU kernel's types
     if applies:
         positions = int(model.config.max_position_embeddings)
-        dummy = torch.empty(0, dtype=torch.float32)
+        dummy = torch.empty(0, dtype=dtype)  # the tables in the model's dtype, as the forward computes them
         with torch.no_grad():
             cos, sin = rotary(dummy, torch.arange(positions)[None])  # [1,P,D], exactly as the forward computes
         half = cos.shape[-1] // 2
