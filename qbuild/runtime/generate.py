@@ -47,7 +47,7 @@ class KVRuntime:
         recorded = self.sessions.info.get("inputs") or []
         if self.session is not None or not recorded:
             self.session = self.session or self.sessions.session_for({})
-            recorded = [{"name": i.name, "shape": list(i.shape)} for i in self.session.get_inputs()]
+            recorded = [{"name": i.name, "shape": list(i.shape), "type": i.type} for i in self.session.get_inputs()]
         self.kv_inputs = [i["name"] for i in recorded if i["name"].startswith(("past_key.", "past_value."))]
         shapes = {i["name"]: [int(d) if str(d).isdigit() else d for d in i["shape"]] for i in recorded}
         _, self.kv_heads, _, self.head_dim = shapes[self.kv_inputs[0]]
@@ -55,6 +55,9 @@ class KVRuntime:
             shape = shapes[self.kv_inputs[0]]
             raise RunError(f"{compiled}: KV cache inputs need static heads and head_dim, got {shape}")
         self.has_lora = "lora_ids" in shapes  # several LoRA adapters in one program (issue 15)
+        types = {i["name"]: i.get("type") for i in recorded}
+        # the caches in the graph's own dtype (a float16 export reads and writes float16 caches)
+        self.kv_dtype = "float16" if types.get(self.kv_inputs[0]) == "tensor(float16)" else "float32"
 
     def lora_feed(self, lora_ids: Sequence[int] | None, batch: int) -> Any:
         """``lora_ids [batch, 1]`` for a program with adapters (none given: 0, the base model), else None."""
@@ -78,7 +81,7 @@ class KVRuntime:
         import onnxruntime as ort
 
         shape = (batch, self.kv_heads, self.ctx_len, self.head_dim)
-        self._arrays = [[np.zeros(shape, np.float32) for _ in self.kv_inputs] for _ in range(2)]
+        self._arrays = [[np.zeros(shape, self.kv_dtype) for _ in self.kv_inputs] for _ in range(2)]
         self._kv = [[ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] for arrays in self._arrays]
         self._bindings: dict[int, tuple[Any, Any]] = {}
 
