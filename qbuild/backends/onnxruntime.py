@@ -101,7 +101,8 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
     try:
         optimiser = ort.InferenceSession(str(onnx_path), so, providers=PROVIDERS)
     except Exception as exc:
-        raise CompileError(f"ONNX Runtime could not compile {onnx_path}: {one_line(exc)}") from exc
+        raise CompileError(f"ONNX Runtime could not compile {onnx_path}: {one_line(exc)}",
+                           hint=_dtype_hint(onnx_path)) from exc
     info = {
         "backend": "onnxruntime",
         "onnxruntime": ort.__version__,
@@ -123,6 +124,20 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
     (out_dir / SESSION_FILE).write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     return {**info, "files": files}
+
+
+def _dtype_hint(onnx_path: Path) -> str | None:
+    """A hint when the graph takes bfloat16 tensors, which ONNX Runtime's CPU kernels mostly cannot run."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - a hint only; the compile error stands on its own
+        return None
+    if any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for v in graph.input):
+        return ("the graph is bfloat16, which ONNX Runtime's CPU kernels do not run: set model.dtype=float32 "
+                "(or float16) for compile.backend=onnxruntime")
+    return None
 
 
 # --- fixed-shape sessions vs one dynamic session --------------------------------------------------

@@ -255,3 +255,12 @@ def test_float16_kv_build_runs_on_onnx_runtime(tmp_path: Path) -> None:
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     assert [i.type.tensor_type.elem_type for i in graph.input if i.name == "past_key.0"] == [onnx.TensorProto.FLOAT16]
     assert sum(n.op_type == "RotaryEmbedding" for n in graph.node) == 4
+
+
+def test_bfloat16_on_onnx_runtime_fails_with_a_hint(tmp_path: Path) -> None:
+    """ONNX Runtime's CPU kernels do not run bfloat16: the compile error says so and names model.dtype."""
+    from tests.conftest import ROOT, run_qbuild
+
+    proc = run_qbuild(str(ROOT / "manifests" / "tiny-llama-kv.yaml"), "model.dtype=bfloat16", cache=tmp_path / "c")
+    assert proc.returncode == 6, proc.stderr
+    assert "hint: the graph is bfloat16" in proc.stderr and "model.dtype=float32" in proc.stderr
