@@ -109,20 +109,6 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
             "weights": weight_bytes(compiled), "runtime": rt}
 
 
-def forced_logits(rt: Any, prompt: list[int], tokens: list[int]) -> Any:
-    """Logits ``[len(tokens), vocab]`` of each step when ``tokens`` are fed back (teacher forcing): every step sees
-    the same history whatever the model would have picked, so one flipped argmax does not derail the rest."""
-    import numpy as np
-
-    rt._lora = None
-    rt._alloc(1)
-    logits, _ = rt.prefill([prompt])
-    rows = [logits[0]]
-    for i, t in enumerate(tokens[:-1]):
-        rows.append(rt._step(np.array([[t]], np.int64), np.array([[len(prompt) + i]], np.int64))[0, 0])
-    return np.stack(rows)
-
-
 def logit_fidelity(reference: Any, other: Any) -> dict[str, float]:
     """Teacher-forced comparison with the reference's logits: top-1 agreement per step, the reference's top-2
     margin (how flat its logits are: random weights give tiny margins any rounding flips), and the RMS logit
@@ -215,8 +201,8 @@ def main() -> None:
     base_q = "none" if "none" in runs else quants[0]
     base, hf_med = runs[base_q], statistics.median(hf["tok_s"])
     agree = {q: token_agreement(base["tokens"], r["tokens"]) for q, r in runs.items() if q != base_q}
-    ref_logits = forced_logits(base["runtime"], prompt, base["tokens"])
-    fidelity = {q: logit_fidelity(ref_logits, forced_logits(r["runtime"], prompt, base["tokens"]))
+    ref_logits = base["runtime"].forced_logits(prompt, base["tokens"])
+    fidelity = {q: logit_fidelity(ref_logits, r["runtime"].forced_logits(prompt, base["tokens"]))
                 for q, r in runs.items() if q != base_q}
     for r in runs.values():
         del r["runtime"]

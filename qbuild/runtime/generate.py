@@ -171,6 +171,27 @@ class KVRuntime:
         return Generation(out, t1 - t0, time.perf_counter() - t1, steps, chunks)
 
 
+    def forced_logits(self, prompt: Sequence[int], tokens: Sequence[int], lora_id: int | None = None) -> Any:
+        """Logits ``[len(tokens), vocab]`` (float32) of each step when ``tokens`` are fed back whatever the model
+        would pick (teacher forcing): row 0 is the prompt's next-token logits, row ``i`` follows ``tokens[:i]``.
+        Compares two builds (e.g. fp32 and int8) step by step on the same history; one flipped argmax does not
+        derail the rest, as it does in greedy generation."""
+        import numpy as np
+
+        if not prompt or not tokens:
+            raise RunError("forced_logits needs a prompt and at least one token")
+        if len(prompt) + len(tokens) > self.ctx_len:
+            raise RunError(f"a prompt of {len(prompt)} tokens + {len(tokens)} tokens exceeds "
+                           f"seq.ctx_len={self.ctx_len}")
+        self._lora = self.lora_feed(None if lora_id is None else [lora_id], 1)
+        self._alloc(1)
+        logits, _ = self.prefill([prompt])
+        rows = [logits[0]]
+        for i, t in enumerate(tokens[:-1]):
+            rows.append(self._step(np.array([[t]], np.int64), np.array([[len(prompt) + i]], np.int64))[0, 0])
+        return np.stack(rows).astype(np.float32)
+
+
 def open_runtime(compiled: Path, *, ctx_len: int, buckets: Sequence[int], num_threads: int | None = None) -> KVRuntime:
     """The generation loop on a compiled artifact, opened by the backend that compiled it."""
     from qbuild.runtime import open_artifact

@@ -174,3 +174,30 @@ def test_a_loaded_model_holds_its_entries_against_cache_rm_until_closed(tmp_path
         assert rm(cache, [name]) == ([], [name])
         assert first.generated_ids == model.generate(prompts=["My name is"], generation_len=4).generated_ids
     assert rm(cache, [name]) == ([name], [])  # closed: removed
+
+
+def test_forced_logits_equal_hf_logits_on_the_same_history(tmp_path: Path) -> None:
+    """``KVRuntime.forced_logits``: row i is the next-token logits after the prompt and ``tokens[:i]``; checked
+    against one Hugging Face forward over prompt + tokens (1e-4), and its argmax against greedy generation."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qbuild.runtime.generate import KVRuntime
+
+    result = build(KV, ["seq.lengths=[8]", "seq.ctx_len=64", "verify.enabled=false"], cache_dir=tmp_path)
+    rt = KVRuntime(Path(result.artifacts["compiled"]), ctx_len=64, buckets=[8])
+    prompt = [5, 17, 99, 3, 250, 7, 8, 9, 10, 11, 12]  # longer than the bucket: chunked prefill
+    tokens = rt.generate([prompt], 12, None).tokens[0]
+    forced = rt.forced_logits(prompt, tokens)
+    assert forced.shape[0] == len(tokens) and forced.dtype == np.float32
+    assert forced.argmax(-1).tolist() == tokens  # fed its own greedy tokens, it picks them again
+    hf = AutoModelForCausalLM.from_pretrained(result.model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].float().numpy()
+    np.testing.assert_allclose(forced, ref, atol=1e-4)
+    other = [(t + 1) % forced.shape[1] for t in tokens]  # another history: other logits after the first row
+    moved = rt.forced_logits(prompt, other)
+    assert np.array_equal(moved[0], forced[0]) and not np.allclose(moved[1:], forced[1:], atol=1e-3)
+    with pytest.raises(RunError, match="seq.ctx_len"):
+        rt.forced_logits(prompt, [1] * 60)
