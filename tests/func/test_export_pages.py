@@ -236,6 +236,22 @@ def test_rope_tables_only_for_types_onnx_runtime_rotates() -> None:
         assert not any(hasattr(model, n) for n in ROPE_TABLES)
 
 
+def test_rope_tables_have_a_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with so many positions that its tables would pass ROPE_TABLE_MAX_BYTES keeps the plain ops (the
+    tiny Llama: 256 positions x head_dim 16 x 4 bytes = 16 KiB for both tables)."""
+    from qbuild.transforms import apply_transforms
+    from qbuild.transforms.models import llama
+
+    model = tiny_model("llama")
+    apply_transforms(model, ["kv_cache"])
+    monkeypatch.setattr(llama, "ROPE_TABLE_MAX_BYTES", 256 * 16 * 4)
+    with llama.rope_tables(model) as applies:
+        assert applies
+    monkeypatch.setattr(llama, "ROPE_TABLE_MAX_BYTES", 256 * 16 * 4 - 1)
+    with llama.rope_tables(model) as applies:
+        assert not applies
+
+
 def test_float16_kv_build_runs_on_onnx_runtime(tmp_path: Path) -> None:
     """A float16 KV model builds for ONNX Runtime end to end: the graph rotates in float16, the runtime allocates
     float16 caches (it fed float32 ones before: 'Unexpected input data type'), and verify's greedy tokens equal

@@ -31,6 +31,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 #: seen): only these are tabulated for ONNX Runtime's RotaryEmbedding
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ROPE_TABLES = ("kv_rope_cos", "kv_rope_sin")
+#: the two tables together at most this large (Llama 3.1's 131072 positions x 64 x 2 x fp32 is 64 MiB); a model
+#: with more positions (Qwen2.5-1M: 0.5 GB of tables) keeps the plain ops
+ROPE_TABLE_MAX_BYTES = 64 << 20
 
 
 class OrtRotary(torch.autograd.Function):
@@ -56,7 +59,8 @@ def rope_tables(model: Any) -> Iterator[bool]:
     """For the time of the block, a :class:`KVLlama` with a static RoPE holds its cos/sin for every position
     (``[max_position_embeddings, head_dim / 2]`` buffers; the exported graph's initializers) and a legacy export
     rotates q and k with ONNX Runtime's RotaryEmbedding (:class:`OrtRotary`): 2 nodes a layer instead of 14.
-    Yields whether it applies (other families, or a RoPE that changes with the length, keep the plain ops)."""
+    Yields whether it applies: other families, a RoPE that changes with the length, bfloat16 (no ORT kernel) and
+    tables above :data:`ROPE_TABLE_MAX_BYTES` keep the plain ops."""
     cls = type(model)
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     applies = (isinstance(model, KVLlama) and cls.kv_context is KVLlama.kv_context
@@ -65,6 +69,9 @@ def rope_tables(model: Any) -> Iterator[bool]:
     applies = applies and dtype in (torch.float32, torch.float16)  # ONNX Runtime's CPU kernel's types
     if applies:
         positions = int(model.config.max_position_embeddings)
+        head_dim = model.kv_cache_shape()[1]
+        applies = positions * head_dim * torch.finfo(dtype).bits // 8 <= ROPE_TABLE_MAX_BYTES  # 2 x P x D/2
+    if applies:
         dummy = torch.empty(0, dtype=dtype)  # the tables in the model's dtype, as the forward computes them
         with torch.no_grad():
             cos, sin = rotary(dummy, torch.arange(positions)[None])  # [1,P,D], exactly as the forward computes
