@@ -19,6 +19,7 @@ import json
 import os
 import re
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,32 +67,39 @@ def available_bytes() -> int | None:
     return min(found) if found else None
 
 
-def _ratio(record: Path, weights: dict[str, int]) -> tuple[str, float] | None:
-    """(export key, (peak - start) / weight bytes) of an export or compile record, if it has them."""
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
-        r = json.loads(record.read_text())
-        key = (r.get("key") or record.parent.name) if "weight_bytes" in r else r["identity"]["upstream"]["export"]
-        w = r.get("weight_bytes") or weights.get(key)
-        peak, start = r.get("peak_rss_bytes"), r.get("start_rss_bytes")
-        if w and peak and start is not None and w >= MIN_SAMPLE_BYTES:
-            return key, max(0.0, (peak - start) / w)
-    return None
+def _records(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The readable ``record.json`` files of a stage's entries (a torn or foreign one is skipped)."""
+    for rec in directory.glob("*/record.json"):
+        with contextlib.suppress(OSError, ValueError):
+            r = json.loads(rec.read_text())
+            if isinstance(r, dict):
+                yield rec, r
+
+
+def _excess(r: dict[str, Any], weights: int) -> float | None:
+    """(peak - start) RSS / weight bytes of one record, if it holds both."""
+    peak, start = r.get("peak_rss_bytes"), r.get("start_rss_bytes")
+    if not isinstance(peak, int) or not isinstance(start, int):
+        return None
+    return max(0.0, (peak - start) / weights)
 
 
 def measured_ratio(cache_root: Path) -> tuple[float, int]:
     """(ratio, number of earlier exports it was measured over); (DEFAULT_RATIO, 0) without any."""
     objects = cache_root / "objects"
-    weights: dict[str, int] = {}
-    for rec in (objects / "export").glob("*/record.json"):
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            r = json.loads(rec.read_text())
-            weights[r.get("key") or rec.parent.name] = int(r["weight_bytes"])
-    worst: dict[str, float] = {}
-    for stage in ("export", "compile"):
-        for rec in (objects / stage).glob("*/record.json"):
-            found = _ratio(rec, weights)
-            if found:
-                worst[found[0]] = max(worst.get(found[0], 0.0), found[1])
+    weights: dict[str, int] = {}  # export key -> weight bytes, exports of MIN_SAMPLE_BYTES or more
+    worst: dict[str, float] = {}  # export key -> the larger ratio of the export and its compiles
+    for rec, r in _records(objects / "export"):
+        w, key = r.get("weight_bytes"), r.get("key") or rec.parent.name
+        if isinstance(w, int) and w >= MIN_SAMPLE_BYTES:
+            weights[key] = w
+            if (ratio := _excess(r, w)) is not None:
+                worst[key] = ratio
+    for _rec, r in _records(objects / "compile"):
+        upstream = r.get("identity", {}).get("upstream", {}) if isinstance(r.get("identity"), dict) else {}
+        key = upstream.get("export") if isinstance(upstream, dict) else None
+        if key in weights and (ratio := _excess(r, weights[key])) is not None:
+            worst[key] = max(worst.get(key, 0.0), ratio)
     ratios = list(worst.values())
     return (statistics.median(ratios), len(ratios)) if ratios else (DEFAULT_RATIO, 0)
 

@@ -170,7 +170,6 @@ class KVRuntime:
             steps += 1
         return Generation(out, t1 - t0, time.perf_counter() - t1, steps, chunks)
 
-
     def forced_logits(self, prompt: Sequence[int], tokens: Sequence[int], lora_id: int | None = None) -> Any:
         """Logits ``[len(tokens), vocab]`` (float32) of each step when ``tokens`` are fed back whatever the model
         would pick (teacher forcing): row 0 is the prompt's next-token logits, row ``i`` follows ``tokens[:i]``.

@@ -161,7 +161,7 @@ def legacy_export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any)
             torch._C._jit_pass_onnx_deduplicate_initializers = dedup
             for hook in hooks:
                 hook.remove()
-    release_pages(captured.values(), ranges)
+    release_pages(captured.values(), ranges)  # what the trace read outside a module's forward (the head's blocks)
     _attach_weights(path, captured, ranges)
 
 
@@ -169,8 +169,8 @@ def legacy_export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any)
 # The load stage's weights reach the export memory-mapped from safetensors: a weight read by the trace or
 # written to the data file stays resident (and counts in the process's RSS) until the mapping goes, so a
 # plain export ends with every weight in memory once (125M Llama: 0.48 GiB on top of the interpreter). Each
-# weight's pages are handed back once it has been used (MADV_PAGEOUT: clean file pages are dropped and read
-# again from the file if needed; anonymous or modified pages are never lost, without swap they just stay).
+# weight's pages are handed back once it has been used (MADV_PAGEOUT, in file mappings only: clean pages are
+# dropped and read again from the file if needed; a modified page is never lost; anonymous memory is not advised).
 #: tensors smaller than this are not worth a system call
 _RELEASE_MIN_BYTES = 1 << 20
 _MADV_PAGEOUT = 21

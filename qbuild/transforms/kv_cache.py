@@ -76,16 +76,23 @@ def _static_key(name: str, heads: Any, head_dim: Any) -> tuple[str, int, int] | 
     return (name, *dims)  # type: ignore[return-value]
 
 
+def _expanded(plan: dict[Any, Any], name: str, size: tuple[Any, Any, Any, Any]) -> torch.Tensor:
+    """``plan[name] [B,S']`` expanded to ``size [B,H,S',D]``, made once per forward and static ``(H, D)``: the
+    exported graph then computes it once instead of once per layer and tensor (keyed by the static dims only:
+    batch and sequence are the same for every write of one forward)."""
+    key = _static_key(name, size[1], size[3])
+    index = plan.get(key) if key else None
+    if index is None:
+        index = plan[name][:, None, :, None].expand(*size)
+        if key:
+            plan[key] = index
+    return index
+
+
 def scatter_values(plan: dict[str, torch.Tensor], updates: torch.Tensor) -> torch.Tensor:
     """``updates [B,H,S,D]`` with each padding token's values replaced by its row's last valid token's."""
     b, h, _s, d = updates.shape
-    # the gather index and the padding condition are the same for every write of one forward (see ctx_scatter)
-    key = _static_key("last", h, d)
-    index = plan.get(key) if key else None
-    if index is None:
-        index = plan["last"][:, None, :, None].expand(b, h, 1, d)
-        if key:
-            plan[key] = index
+    index = _expanded(plan, "last", (b, h, 1, d))
     pad = plan.get("pad4")
     if pad is None:
         pad = plan["pad4"] = plan["pad"][:, None, :, None]
@@ -106,18 +113,9 @@ def ctx_scatter(cache: torch.Tensor, position_ids: torch.Tensor, updates: torch.
 
     ``plan``: a dict shared by the writes of one forward (:func:`scatter_plan`, and the expanded scatter index
     per cache shape): the exported graph then computes them once instead of once per layer and tensor."""
-    b, h, s, d = updates.shape
     if plan is None:
         plan = scatter_plan(cache.shape[2], position_ids)
-    # keyed by the static dims only (batch and sequence are the same for every write of one forward; hashing a
-    # symbolic dim would specialise a dynamo export to the example's shape)
-    key = _static_key("index", h, d)
-    index = plan.get(key) if key else None
-    if index is None:
-        index = plan["slot"][:, None, :, None].expand(b, h, s, d)
-        if key:
-            plan[key] = index
-    return cache.scatter(2, index, scatter_values(plan, updates))
+    return cache.scatter(2, _expanded(plan, "slot", tuple(updates.shape)), scatter_values(plan, updates))
 
 
 def qaic_update(cache_k: torch.Tensor, cache_v: torch.Tensor, position_ids: torch.Tensor, k: torch.Tensor,

@@ -119,7 +119,7 @@ def test_maybe_duplicates_never_misses_a_twin() -> None:
         maybe = _maybe_duplicates(params)
         assert _by_value_twins(params) <= maybe, case
         assert "other" not in maybe  # a weight with no twin is not compared (its pages are not read)
-        assert ("near" in maybe) == ("base" in maybe or "clone" in params)
+        assert {"base", "near"} <= maybe  # the same sampled values: only the pass's full compare tells them apart
 
 
 def _check_blocks(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocks: int) -> None:

@@ -74,7 +74,7 @@ def rope_tables(model: Any) -> Iterator[bool]:
     if applies:
         dummy = torch.empty(0, dtype=dtype)  # the tables in the model's dtype, as the forward computes them
         with torch.no_grad():
-            cos, sin = rotary(dummy, torch.arange(positions)[None])  # [1,P,D], exactly as the forward computes
+            cos, sin = rotary(dummy, torch.arange(positions)[None])  # [1,P,D]
         half = cos.shape[-1] // 2
         applies = bool(torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:]))
     if not applies:
