@@ -270,7 +270,8 @@ class OrtBackend(Backend):
         lines = [f"onnxruntime: CPUExecutionProvider, {o.threads} threads, {o.graph_optimization} "
                  "graph optimisation, saved offline"]
         if o.quantize != "none":
-            kind = "dynamic int8 (MatMulInteger)" if o.quantize == "int8" else "int4 MatMulNBits, block 32"
+            kind = "dynamic int8 (MatMulInteger)" if o.quantize == "int8" else ("int4 MatMulNBits, block 32, "
+                                                                                "int8 activations")
             lines.append(f"onnxruntime: weights quantised to {kind} before optimisation")
             if o.quantize_min_cosine is not None:
                 lines.append(f"onnxruntime: the most sensitive MatMuls kept in fp32 (measured one by one) until the "

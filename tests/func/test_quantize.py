@@ -39,6 +39,10 @@ def test_quantised_build_runs_and_is_smaller(tmp_path: Path, mode: str, ops: set
     qdir, rdir = Path(q.artifacts["compiled"]), Path(ref.artifacts["compiled"])
     graph_ops = {n.op_type for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node}
     assert graph_ops & ops
+    if mode == "int4":  # int8 activations and MLAS's integer kernels: the fast CPU path (ort_quantize)
+        levels = {a.i for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
+                  if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {4}
 
     def size(d: Path) -> int:
         return sum(f.stat().st_size for f in d.iterdir())
