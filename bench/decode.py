@@ -1,6 +1,7 @@
 """Decode speed: qbuild's ONNX Runtime runtime vs Hugging Face eager generate, same weights, same run.
 
-Usage: python bench/decode.py [--layers 12 --hidden 768 ...] [--quantize none,int8,int4] [--repeat 3] [--quick]
+Usage: python bench/decode.py [--layers 12 --hidden 768 ...] [--quantize none,int8,int8_block,int4] [--repeat 3]
+[--quick]
 A ~100M-parameter random Llama, batch 1, a 32-token prompt, 128 new tokens (EOS disabled); each runtime
 is timed ``--repeat`` times (min / median). The limit is memory bandwidth: every decode step reads the
 compiled model's weights (initializer bytes as built, fp32/int8/int4; embedding tables only looked up by
@@ -8,8 +9,8 @@ Gather excluded) and the KV cache, so limit tok/s = read bandwidth / bytes per t
 bandwidth is the best of several read kernels (numpy, BLAS, ONNX Runtime) measured in this run with the
 session's thread count (bench/_machine.py). The fraction reached is never printed above 100 %: if qbuild
 beats the measured bandwidth, the measurement was not a limit, the bench says so and uses qbuild's own
-achieved bandwidth as the limit's lower bound. int8/int4 greedy tokens are compared with fp32 over the
-generated tokens. Ends with one JSON line (DESIGN rule 15).
+achieved bandwidth as the limit's lower bound. The quantised builds' greedy tokens are compared with fp32's
+over the generated tokens. Ends with one JSON line (DESIGN rule 15).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def parse() -> argparse.Namespace:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quantize", default="none,int8,int4")
+    ap.add_argument("--quantize", default="none,int8,int8_block,int4")
     ap.add_argument("--bandwidth-seconds", type=float, default=3.0, help="time per bandwidth measurement")
     ap.add_argument("--quick", action="store_true", help="a 2-layer model and 32 tokens: under a minute")
     a = ap.parse_args()

@@ -258,7 +258,7 @@ class OrtBackend(Backend):
     def resolve(self, m: Manifest, task: Task, stats: StatCache) -> OrtOptions:
         c = m.compile.onnxruntime
         return OrtOptions(c.threads, c.graph_optimization, c.session, c.quantize, tuple(task.specializations(m)),
-                          task.name, c.quantize_min_cosine if c.quantize == "int8" else None)
+                          task.name, c.quantize_min_cosine if c.quantize in ("int8", "int8_block") else None)
 
     def inexact(self, o: OrtOptions) -> str | None:
         if o.quantize == "none":
@@ -270,8 +270,9 @@ class OrtBackend(Backend):
         lines = [f"onnxruntime: CPUExecutionProvider, {o.threads} threads, {o.graph_optimization} "
                  "graph optimisation, saved offline"]
         if o.quantize != "none":
-            kind = "dynamic int8 (MatMulInteger)" if o.quantize == "int8" else ("int4 MatMulNBits, block 32, "
-                                                                                "int8 activations")
+            kind = {"int8": "dynamic int8 (MatMulInteger, per-tensor activations)",
+                    "int8_block": "int8 MatMulNBits, block 32, int8 activations per block",
+                    "int4": "int4 MatMulNBits, block 32, int8 activations per block"}[o.quantize]
             lines.append(f"onnxruntime: weights quantised to {kind} before optimisation")
             if o.quantize_min_cosine is not None:
                 lines.append(f"onnxruntime: the most sensitive MatMuls kept in fp32 (measured one by one) until the "

@@ -1,16 +1,28 @@
-"""Weight quantisation for the ONNX Runtime backend: int8 dynamic (MatMulInteger) and int4 MatMulNBits.
+"""Weight quantisation for the ONNX Runtime backend: int8 dynamic (MatMulInteger), int8_block and int4
+(MatMulNBits, blocks of 32 weights along K with one scale each).
 
-int4 runs with ``accuracy_level`` 4: MatMulNBits quantises its activations to int8 per block of 32 and uses
-MLAS's integer kernels instead of dequantising the weights to fp32. On the 100M bench Llama (bench/decode.py)
-that decodes 262 tok/s against 158 at the default level (one interleaved run), with the same logit error
-(0.338 vs 0.338 of the fp32 logits' spread): int4 weight rounding dwarfs the activations' int8 rounding.
+- ``int8``: per-channel int8 weights, activations quantised per tensor at run time (DynamicQuantizeMatMul).
+  The fastest int8 at many rows (encoders, long prefills: 2x fp32 on all-MiniLM-L6-v2), but one scale for a
+  whole activation tensor: on all-MiniLM-L6-v2 with every MatMul quantised the minimum cosine to
+  sentence-transformers is 0.985.
+- ``int8_block``: int8 weights per block of 32, activations quantised per block (the Q8_0 scheme of llama.cpp).
+  On all-MiniLM-L6-v2 the minimum cosine is 0.9991 (1 - cosine 16x smaller); on the 100M bench Llama the logit
+  error is 0.027 of the fp32 logits' spread against int8's 0.042, at the same decode speed, but a prefill runs
+  at fp32's speed, not int8's 1.8x (one interleaved run each, bench/decode.py shapes).
+- ``int4``: the same blocks with 4-bit weights.
 
-int8 with a cosine floor (``compile.onnxruntime.quantize_min_cosine``) chooses by measurement which MatMuls stay
-in fp32: every MatMul's sensitivity is measured alone (only it quantised: 1 - the mean cosine of the outputs to
-the fp32 model's on the calibration inputs), then the most sensitive are kept in fp32, one at a time, until the
-minimum cosine of the whole quantised model reaches the floor. On all-MiniLM-L6-v2 the two FFN output
-projections of layers 0 and 2 come first (on random tokens as on text) and keeping them lifts the minimum
-cosine to sentence-transformers from 0.985 to 0.992 on 256 texts. It costs one quantisation per MatMul, once.
+The block modes run with ``accuracy_level`` 4: activations quantised to int8 per block and MLAS's integer
+kernels, instead of dequantising the weights to fp32. On the 100M bench Llama int4 then decodes 262 tok/s
+against 158 at the default level (one interleaved run), with the same logit error (0.338 vs 0.338 of the fp32
+logits' spread): int4 weight rounding dwarfs the activations' int8 rounding.
+
+int8 or int8_block with a cosine floor (``compile.onnxruntime.quantize_min_cosine``) chooses by measurement
+which MatMuls stay in fp32: every MatMul's sensitivity is measured alone (only it quantised: 1 - the mean
+cosine of the outputs to the fp32 model's on the calibration inputs), then the most sensitive are kept in
+fp32, one at a time, until the minimum cosine of the whole quantised model reaches the floor. On
+all-MiniLM-L6-v2 (int8) the two FFN output projections of layers 0 and 2 come first (on random tokens as on
+text) and keeping them lifts the minimum cosine to sentence-transformers from 0.985 to 0.992 on 256 texts.
+It costs one quantisation per MatMul, once.
 """
 
 from __future__ import annotations
@@ -22,36 +34,33 @@ from typing import Any
 
 from qbuild.errors import CompileError
 
-INT4_BLOCK = 32
+#: weights per MatMulNBits block (one scale each), for int4 and int8_block
+BLOCK = 32
 #: MatMulNBits accuracy_level: 4 = int8 activations and integer dot products (see the module docstring)
-INT4_ACCURACY_LEVEL = 4
+ACCURACY_LEVEL = 4
+#: quantisation modes and their weight bits (None: dynamic int8, MatMulInteger)
+MODES = {"int8": None, "int8_block": 8, "int4": 4}
 
 
 def quantize(onnx_path: Path, out_path: Path, mode: str, *, min_cosine: float | None = None,
              calibration: Sequence[Mapping[str, Any]] = (), optimization: str = "extended") -> dict[str, Any]:
-    """Write a weight-quantised copy of ``onnx_path`` to ``out_path`` (external data beside it); int8 with
-    ``min_cosine`` keeps the most sensitive MatMuls in fp32 until the outputs on ``calibration`` reach it
-    (both models run with the artifact's graph ``optimization``: fusions change int8 numerics)."""
+    """Write a weight-quantised copy of ``onnx_path`` to ``out_path`` (external data beside it); with
+    ``min_cosine`` it keeps the most sensitive MatMuls in fp32 until the outputs on ``calibration`` reach it
+    (both models run with the artifact's graph ``optimization``: fusions change quantised numerics)."""
     import onnx
 
+    if mode not in MODES:
+        raise CompileError(f"compile.onnxruntime.quantize: unknown mode {mode!r}; choose none, "
+                           + ", ".join(MODES))
     search: dict[str, Any] = {}
     try:
-        if mode == "int8" and min_cosine is not None:
+        if min_cosine is not None:
             if not calibration:
                 raise CompileError("compile.onnxruntime.quantize_min_cosine: the task gives no calibration inputs "
                                    "to measure the cosine on", hint="unset it (null) for this model")
-            search = _int8_to_cosine(onnx_path, out_path, min_cosine, calibration, optimization)
-        elif mode == "int8":
-            _int8(onnx_path, out_path)
-        elif mode == "int4":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            q = MatMulNBitsQuantizer(str(onnx_path), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                     accuracy_level=INT4_ACCURACY_LEVEL)
-            q.process()
-            q.model.save_model_to_file(str(out_path), use_external_data_format=True)
+            search = _to_cosine(mode, onnx_path, out_path, min_cosine, calibration, optimization)
         else:
-            raise CompileError(f"compile.onnxruntime.quantize: unknown mode {mode!r}; choose none, int8 or int4")
+            _quantize(mode, onnx_path, out_path)
     except CompileError:
         raise
     except Exception as exc:
@@ -59,8 +68,45 @@ def quantize(onnx_path: Path, out_path: Path, mode: str, *, min_cosine: float | 
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     model = onnx.load(str(out_path), load_external_data=False)
     ops = sorted({n.op_type for n in model.graph.node})
-    return {"quantize": mode, "ops": ops, "block_size": INT4_BLOCK if mode == "int4" else None,
-            "accuracy_level": INT4_ACCURACY_LEVEL if mode == "int4" else None, **search}
+    block = MODES[mode] is not None
+    return {"quantize": mode, "ops": ops, "block_size": BLOCK if block else None,
+            "accuracy_level": ACCURACY_LEVEL if block else None, **search}
+
+
+def _quantize(mode: str, onnx_path: Path, out_path: Path, exclude: Sequence[str] = (),
+              only: Sequence[str] | None = None) -> None:
+    """Quantise the MatMuls with constant weights (``only`` these, if given; never those in ``exclude``)."""
+    bits = MODES[mode]
+    if bits is None:
+        _int8(onnx_path, out_path, exclude, only)
+        return
+    import onnx
+
+    skip = set(exclude)
+    if only is not None:  # the quantiser's nodes_to_include adds to its op types, it does not restrict them
+        skip |= {n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node} - set(only)
+    q = _nbits_quantizer()(str(onnx_path), bits=bits, block_size=BLOCK, is_symmetric=True,
+                             accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=sorted(skip))
+    q.process()
+    q.model.save_model_to_file(str(out_path), use_external_data_format=True)
+
+
+def _nbits_quantizer() -> Any:
+    """ONNX Runtime's MatMulNBitsQuantizer, imported without its side effect: the module calls
+    ``logging.basicConfig(level=INFO)`` on import, which set the whole process's root logger to INFO and printed a
+    line per graph node of every build; the root logger is put back and the module's logger kept to warnings."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
 
 
 def _int8(onnx_path: Path, out_path: Path, exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> None:
@@ -94,16 +140,16 @@ def cosines(reference: Sequence[Any], got: Sequence[Any]) -> Any:
     return (a * b).sum(1) / np.maximum(norms, 1e-30)
 
 
-def _int8_to_cosine(onnx_path: Path, out_path: Path, floor: float, calibration: Sequence[Mapping[str, Any]],
-                    optimization: str) -> dict[str, Any]:
-    """int8 with the fewest most-sensitive MatMuls in fp32 such that the minimum cosine reaches ``floor``."""
+def _to_cosine(mode: str, onnx_path: Path, out_path: Path, floor: float, calibration: Sequence[Mapping[str, Any]],
+               optimization: str) -> dict[str, Any]:
+    """``mode`` with the fewest most-sensitive MatMuls in fp32 such that the minimum cosine reaches ``floor``."""
     import onnx
 
     reference = _outputs(onnx_path, calibration, optimization)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # what int8 quantises
-    _int8(onnx_path, out_path)
+    matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # what is quantised
+    _quantize(mode, onnx_path, out_path)
     measured = [float(cosines(reference, _outputs(out_path, calibration, optimization)).min())]
     kept: list[str] = []
     if measured[0] < floor:
@@ -111,15 +157,15 @@ def _int8_to_cosine(onnx_path: Path, out_path: Path, floor: float, calibration: 
             alone = Path(tmp) / "model.onnx"
             sensitivity = {}
             for name in matmuls:
-                _int8(onnx_path, alone, only=[name])
+                _quantize(mode, onnx_path, alone, only=[name])
                 sensitivity[name] = 1.0 - float(cosines(reference, _outputs(alone, calibration, optimization)).mean())
         for name in sorted(matmuls, key=lambda n: -sensitivity[n]):
             kept.append(name)
-            _int8(onnx_path, out_path, exclude=kept)
+            _quantize(mode, onnx_path, out_path, exclude=kept)
             measured.append(float(cosines(reference, _outputs(out_path, calibration, optimization)).min()))
             if measured[-1] >= floor:
                 break
     rows = sum(len(next(iter(f.values()))) for f in calibration)
-    return {"min_cosine_floor": floor, "min_cosine": measured[-1], "min_cosine_all_int8": measured[0],
+    return {"min_cosine_floor": floor, "min_cosine": measured[-1], "min_cosine_all_quantised": measured[0],
             "kept_fp32": kept, "matmuls": len(matmuls),
             "calibration_rows": rows}

