@@ -168,6 +168,24 @@ def choose_session(model: Path, info: Mapping[str, Any], requested: str,
             "timings": rows}
 
 
+def graph_inputs(onnx_path: Path) -> list[dict[str, Any]]:
+    """The graph inputs of ``onnx_path`` as ``session.json`` lists them: name, type, shape (symbolic dims by name)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    out = []
+    for i in graph.input:
+        if i.name in weights:
+            continue
+        t = i.type.tensor_type
+        kind = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        kind = {"float32": "float", "float16": "float16", "int64": "int64", "int32": "int32"}.get(kind, kind)
+        out.append({"name": i.name, "type": f"tensor({kind})",
+                    "shape": [d.dim_param or str(d.dim_value) for d in t.shape.dim]})
+    return out
+
+
 def _generic_feed(inputs: list[dict[str, Any]], symbols: Mapping[str, int]) -> dict[str, Any] | None:
     """Inputs of the specialisation's shapes when the task gives none: zeros, and positions 0..n-1."""
     import numpy as np
@@ -293,7 +311,8 @@ class OrtBackend(Backend):
             quant: dict[str, Any] = {}
             if o.quantize != "none":
                 ctx.progress(f"quantising weights ({o.quantize})", None)
-                calibration = (task.calibration_inputs(specs, vocab) if o.quantize_min_cosine is not None else [])
+                calibration = (task.calibration_inputs(specs, vocab, graph_inputs=graph_inputs(onnx))
+                               if o.quantize_min_cosine is not None else [])
                 quant = ort_quantize.quantize(onnx, Path(tmp) / "model.onnx", o.quantize,
                                               min_cosine=o.quantize_min_cosine, calibration=calibration,
                                               optimization=o.graph_optimization)

@@ -55,9 +55,11 @@ class Task:
         a backend measures sessions with them. None: the task has none (nothing is measured)."""
         return None
 
-    def calibration_inputs(self, specializations: list[dict[str, Any]], vocab_size: int) -> list[dict[str, Any]]:
+    def calibration_inputs(self, specializations: list[dict[str, Any]], vocab_size: int, *,
+                           graph_inputs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Inputs a weight quantisation is measured on (numpy arrays by input name); by default the sample
-        inputs of each specialisation."""
+        inputs of each specialisation. ``graph_inputs``: the exported graph's inputs (``name``, ``type``,
+        ``shape`` with symbolic dims as names), for tasks whose inputs depend on the model (caches)."""
         feeds = [self.sample_inputs(dict(s["symbols"]), vocab_size) for s in specializations]
         return [f for f in feeds if f is not None]
 

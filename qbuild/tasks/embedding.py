@@ -105,7 +105,8 @@ class EmbeddingTask(Task):
         return {"input_ids": rng.randint(0, min(vocab_size, 1000), size=(b, s)).astype(np.int64),
                 "attention_mask": np.ones((b, s), dtype=np.int64)}
 
-    def calibration_inputs(self, specializations: list[dict[str, Any]], vocab_size: int) -> list[dict[str, Any]]:
+    def calibration_inputs(self, specializations: list[dict[str, Any]], vocab_size: int, *,
+                           graph_inputs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """What a quantisation is measured on: per bucket, 16 rows of random lengths (a quarter of the bucket
         to all of it, right-padded) of random ids from the upper part of the vocabulary (seeded)."""
         import numpy as np

@@ -113,6 +113,39 @@ class KVCausalLMTask(Task):
                  for name, n in zip(_names("Prefill", len(prefill)), prefill, strict=True)]
         return [*specs, {"name": "Decode", "symbols": decode}]
 
+    def calibration_inputs(self, specializations: list[dict[str, Any]], vocab_size: int, *,
+                           graph_inputs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """What a quantisation is measured on: per prefill bucket, 8 prompts of random ids from the upper part of
+        the vocabulary (seeded) filling the bucket from position 0, on empty caches; the first output, the
+        logits at each prompt's last token, is what the cosine compares. Needs ``graph_inputs`` (cache shapes)."""
+        import numpy as np
+
+        if not graph_inputs:
+            return []
+        rng = np.random.default_rng(0)
+        low, rows = min(1000, vocab_size // 2), 8
+        # the prefill buckets (decode is the same graph at seq_len 1); a decode-only build has only that
+        prefill = [s for s in specializations if int(s["symbols"]["seq_len"]) > 1] or list(specializations)
+        feeds = []
+        for spec in prefill:
+            symbols = {**spec["symbols"], "batch_size": rows}
+            feed: dict[str, Any] = {}
+            for i in graph_inputs:
+                shape = [int(d) if str(d).isdigit() else symbols.get(str(d)) for d in i["shape"]]
+                if any(d is None for d in shape):
+                    return []
+                if i["name"] == "input_ids":
+                    feed[i["name"]] = rng.integers(low, vocab_size, size=shape).astype(np.int64)
+                elif i["name"] == "position_ids":
+                    feed[i["name"]] = np.broadcast_to(np.arange(shape[-1]), shape).astype(np.int64)
+                elif i["type"] in ("tensor(float)", "tensor(float16)", "tensor(int64)"):
+                    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(i["type"], np.int64)
+                    feed[i["name"]] = np.zeros(shape, dtype)  # empty caches; adapter ids 0 (the base model)
+                else:
+                    return []
+            feeds.append(feed)
+        return feeds
+
     def verify_options(self, m: Manifest) -> KVVerify:
         v = m.verify
         return KVVerify(tuple(v.prompts), v.max_new_tokens, tuple(m.seq.lengths), m.seq.ctx_len)

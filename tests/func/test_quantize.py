@@ -120,3 +120,41 @@ def test_block_quantiser_import_leaves_the_root_logger_alone() -> None:
             "print(q is m.MatMulNBitsQuantizer, root.level, len(root.handlers), m.logger.getEffectiveLevel())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == ["True", str(30), "0", str(30)], out.stdout + out.stderr
+
+
+def test_min_cosine_on_a_causal_lm_keeps_the_most_sensitive_matmuls_in_fp32(tmp_path: Path) -> None:
+    """The KV causal LM's calibration (prompts filling each prefill bucket on empty caches, built from the exported
+    graph's inputs) drives the same search with int8_block; the floor is checked independently on the compiled
+    artifacts (logits at the prompts' last tokens)."""
+    import onnx
+
+    from qbuild.backends.onnxruntime import graph_inputs
+    from qbuild.backends.ort_quantize import cosines
+    from qbuild.runtime.onnxruntime import open_session
+    from qbuild.tasks import get_task
+
+    floor = 0.99999  # above what all-int8_block reaches on these random weights (0.99986)
+    over = [*BASE, "verify.enabled=false"]
+    ref = build(KV, over, cache_dir=tmp_path)
+    q = build(KV, [*over, "compile.onnxruntime.quantize=int8_block",
+                   f"compile.onnxruntime.quantize_min_cosine={floor}"], cache_dir=tmp_path)
+    qdir, rdir = Path(q.artifacts["compiled"]), Path(ref.artifacts["compiled"])
+    (record,) = [r for r in (tmp_path / "objects" / "compile").glob("*/record.json") if r.parent.name in str(qdir)]
+    info = json.loads(record.read_text())["meta"]["quantization"]
+    assert info["min_cosine_all_quantised"] < floor <= info["min_cosine"]
+    assert 0 < len(info["kept_fp32"]) < info["matmuls"]
+    graph = onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph
+    assert "MatMulNBits" in {n.op_type for n in graph.node}
+    specs = json.loads((qdir / "session.json").read_text())["specializations"]
+    export = json.loads((Path(ref.artifacts["onnx"]).parent.parent / "record.json").read_text())["meta"]
+    vocab = export["vocab_size"]  # as the compile stage reads it
+    feeds = get_task("causal_lm_kv").calibration_inputs(specs, vocab, graph_inputs=graph_inputs(
+        Path(ref.artifacts["onnx"])))
+    assert feeds and all(f["input_ids"].shape == (8, 8) for f in feeds)
+
+    def outputs(d: Path) -> list:
+        s = open_session(d)
+        return [s.run(None, f)[0] for f in feeds]
+
+    got = cosines([o.reshape(len(o), -1) for o in outputs(rdir)], [o.reshape(len(o), -1) for o in outputs(qdir)])
+    assert got.min() >= floor - 1e-6
