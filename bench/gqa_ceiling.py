@@ -1,0 +1,216 @@
+"""The decode speed a fused-attention graph would reach: qbuild's fp32 decode vs the same weights in a hand-built
+ONNX decode graph whose attention is ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (RoPE, cache write
+in place, grouped-query attention in one node a layer), same run, same session settings.
+
+Usage: python bench/gqa_ceiling.py [--rounds 7] [--new-tokens 128] [--quick]
+The model is bench/decode.py's ~100M random Llama (``--quick``: its 2-layer one), built by qbuild; the hand-built
+graph reads the load stage's safetensors. Both decode one token a step, batch 1, interleaved round by round
+(this machine's speed drifts by 20 % within minutes). The hand-built graph is checked against qbuild's runtime:
+the same prompt fed one token a step (teacher forcing, from an empty cache) must give the same logits (max abs
+difference printed; it must stay below 1e-3 of the logits' spread) before any timing counts. This measures what
+issue 16's next step (GQA in the ONNX Runtime graph form) can gain; it is not qbuild's graph. Ends with one JSON
+line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import decode as D  # noqa: E402
+from _machine import format_facts, machine_facts, summary  # noqa: E402
+
+
+def gqa_graph(model_dir: Path, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Write the hand-built decode graph (one token, batch 1) with ``model_dir``'s weights; its dims."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    w = load_file(str(model_dir / "model.safetensors"))
+    layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    kv_heads, eps = cfg["num_key_value_heads"], float(cfg.get("rms_norm_eps", 1e-6))
+    head_dim = cfg.get("head_dim") or hidden // heads
+    theta = float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+    positions = cfg["max_position_embeddings"]
+    inits, nodes = [], []
+
+    def init(name: str, array: Any) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def linear(x: str, key: str, out_name: str) -> None:  # HF [out, in] -> MatMul's [in, out]
+        nodes.append(helper.make_node("MatMul", [x, init(key, w[key].T)], [out_name]))
+
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    angles = np.outer(np.arange(positions), inv)
+    init("cos", np.cos(angles))
+    init("sin", np.sin(angles))
+    ctx = int(cfg["_ctx_len"])
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 1]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total_seq", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, cfg["vocab_size"]])]
+    nodes.append(helper.make_node("Gather", [init("embed", w["model.embed_tokens.weight"]), "input_ids"], ["x0"]))
+    x = "x0"
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for kind in ("key", "value"):
+            shape = [1, kv_heads, ctx, head_dim]
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, shape))
+        norm = init(f"n1.{i}", w[p + "input_layernorm.weight"])
+        nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, norm], [f"h{i}"], epsilon=eps, axis=-1))
+        for proj in ("q", "k", "v"):
+            linear(f"h{i}", p + f"self_attn.{proj}_proj.weight", f"{proj}{i}")
+        nodes.append(helper.make_node(
+            "GroupQueryAttention", [f"q{i}", f"k{i}", f"v{i}", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                                    "total_seq", "cos", "sin"],
+            [f"a{i}", f"present_key.{i}", f"present_value.{i}"], domain="com.microsoft", num_heads=heads,
+            kv_num_heads=kv_heads, do_rotary=1))
+        linear(f"a{i}", p + "self_attn.o_proj.weight", f"o{i}")
+        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
+        nodes.append(helper.make_node("SimplifiedLayerNormalization",
+                                      [f"r{i}", init(f"n2.{i}", w[p + "post_attention_layernorm.weight"])],
+                                      [f"h2{i}"], epsilon=eps, axis=-1))
+        linear(f"h2{i}", p + "mlp.gate_proj.weight", f"g{i}")
+        linear(f"h2{i}", p + "mlp.up_proj.weight", f"u{i}")
+        nodes += [helper.make_node("Sigmoid", [f"g{i}"], [f"sg{i}"]),
+                  helper.make_node("Mul", [f"g{i}", f"sg{i}"], [f"s{i}"]),
+                  helper.make_node("Mul", [f"s{i}", f"u{i}"], [f"m{i}"])]
+        linear(f"m{i}", p + "mlp.down_proj.weight", f"d{i}")
+        nodes.append(helper.make_node("Add", [f"r{i}", f"d{i}"], [f"x{i + 1}"]))
+        x = f"x{i + 1}"
+    nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, init("nf", w["model.norm.weight"])], ["hf"],
+                                  epsilon=eps, axis=-1))
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    nodes.append(helper.make_node("MatMul", ["hf", init("head", head.T)], ["logits"]))
+    graph = helper.make_graph(nodes, "gqa_decode", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    path = out / "gqa.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="gqa.onnx.data")
+    return path, {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "ctx": ctx, "nodes": len(nodes)}
+
+
+class GQADecoder:
+    """The hand-built graph's session, caches bound in place (present = past buffers)."""
+
+    def __init__(self, path: Path, dims: dict[str, Any], threads: int) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        shape = (1, dims["kv_heads"], dims["ctx"], dims["head_dim"])
+        # the arrays own the memory the OrtValues point at: keep them alive
+        names = [f"past_{k}.{i}" for i in range(dims["layers"]) for k in ("key", "value")]
+        self.arrays = {name: np.zeros(shape, np.float32) for name in names}
+        self.caches = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in self.arrays.items()}
+        self.io = self.session.io_binding()
+        self.io.bind_output("logits")  # first: get_outputs() follows the binding order
+        for name, value in self.caches.items():
+            self.io.bind_ortvalue_input(name, value)
+            self.io.bind_ortvalue_output(name.replace("past_", "present_"), value)
+
+    def step(self, token: int, position: int) -> Any:
+        import numpy as np
+
+        self.io.bind_cpu_input("input_ids", np.array([[token]], np.int64))
+        self.io.bind_cpu_input("seqlens_k", np.array([position], np.int32))
+        self.io.bind_cpu_input("total_seq", np.array(position + 1, np.int32))
+        self.session.run_with_iobinding(self.io)
+        return self.io.get_outputs()[0].numpy()[0, 0].copy()  # a view of the output buffer the next run reuses
+
+    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+        """Greedy tokens (the prompt fed one token a step) and the decode seconds after the prompt."""
+        for pos, t in enumerate(prompt[:-1]):
+            self.step(t, pos)
+        logits, tokens = self.step(prompt[-1], len(prompt) - 1), []
+        t0 = time.perf_counter()
+        for pos in range(len(prompt), len(prompt) + new_tokens - 1):
+            tokens.append(int(logits.argmax()))
+            logits = self.step(tokens[-1], pos)
+        tokens.append(int(logits.argmax()))
+        return tokens, time.perf_counter() - t0
+
+
+def main() -> None:
+    import numpy as np
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="bench/decode.py's 2-layer model, 3 rounds")
+    args = ap.parse_args()
+    a = argparse.Namespace(**(D.QUICK if args.quick else D.DEFAULTS), threads=args.threads)
+    a.new_tokens = args.new_tokens or a.new_tokens
+    rounds = 3 if args.quick else args.rounds
+    prompt = np.random.RandomState(0).randint(3, a.vocab, D.PROMPT).tolist()
+
+    from qbuild.api import build
+    from qbuild.runtime.generate import KVRuntime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = build(D.ROOT / "manifests" / "tiny-llama-kv.yaml", D._overrides(a, "none"), cache_dir=Path(tmp))
+        model_dir = Path(result.artifacts["model"])
+        cfg = json.loads((model_dir / "config.json").read_text())
+        (Path(tmp) / "m").mkdir()
+        for f in model_dir.iterdir():
+            (Path(tmp) / "m" / f.name).symlink_to(f)
+        (Path(tmp) / "m" / "config.json").unlink()
+        (Path(tmp) / "m" / "config.json").write_text(json.dumps({**cfg, "_ctx_len": D.CTX}))
+        path, dims = gqa_graph(Path(tmp) / "m", Path(tmp))
+        rt = KVRuntime(Path(result.artifacts["compiled"]), ctx_len=D.CTX, buckets=[D.PROMPT], num_threads=a.threads)
+        gqa = GQADecoder(path, dims, a.threads)
+        reference = rt.forced_logits(prompt[:1], prompt[1:])  # one token a step, from an empty cache
+        got = np.stack([gqa.step(t, pos) for pos, t in enumerate(prompt[:-1])])
+        diff = float(np.abs(got - reference).max()) / float(reference.std())
+        if diff > 1e-3:
+            raise SystemExit(f"the hand-built GQA graph does not compute qbuild's model: max abs logit difference "
+                             f"{diff:.2e} of the logits' spread")
+        rt.generate([prompt], 8, None)
+        gqa = GQADecoder(path, dims, a.threads)
+        gqa.generate(prompt, 8)
+        rates: dict[str, list[float]] = {"qbuild": [], "gqa": []}
+        for _ in range(rounds):
+            g = rt.generate([prompt], a.new_tokens, None)
+            rates["qbuild"].append((a.new_tokens - 1) / g.decode_s)
+            fresh = GQADecoder(path, dims, a.threads)
+            _, seconds = fresh.generate(prompt, a.new_tokens)
+            rates["gqa"].append((a.new_tokens - 1) / seconds)
+    q, f = summary(rates["qbuild"]), summary(rates["gqa"])
+    facts = machine_facts()
+    print(format_facts(facts))
+    print(f"model: bench/decode.py's random Llama, {a.layers} layers, hidden {a.hidden}; prompt {D.PROMPT}, "
+          f"{a.new_tokens} new tokens, {rounds} interleaved rounds, threads {a.threads}")
+    print(f"hand-built graph: {dims['nodes']} nodes a step; logits equal qbuild's to {diff:.1e} of their spread")
+    print(f"{'':<34}{'tok/s min':>10}{'median':>9}{'max':>9}")
+    print(f"{'qbuild fp32 (its ORT graph)':<34}{q['min']:>10.1f}{q['median']:>9.1f}{q['max']:>9.1f}")
+    print(f"{'same weights, GroupQueryAttention':<34}{f['min']:>10.1f}{f['median']:>9.1f}{f['max']:>9.1f}")
+    print(f"ratio (median) {f['median'] / q['median']:.2f}x: what fused attention could gain")
+    print(json.dumps({"bench": "gqa_ceiling", "quick": args.quick, "rounds": rounds,
+                      "qbuild_tok_s": round(q["median"], 2), "qbuild_tok_s_min": round(q["min"], 2),
+                      "gqa_tok_s": round(f["median"], 2), "gqa_tok_s_min": round(f["min"], 2),
+                      "ratio": round(f["median"] / statistics.median(rates["qbuild"]), 3),
+                      "gqa_nodes": dims["nodes"], "logit_diff_of_spread": diff, "machine": facts}))
+
+
+if __name__ == "__main__":
+    main()
