@@ -11,8 +11,9 @@
   at fp32's speed, not int8's 1.8x (one interleaved run each, bench/decode.py shapes).
 - ``int4``: the same blocks with 4-bit weights.
 
-The block modes run with ``accuracy_level`` 4: activations quantised to int8 per block and MLAS's integer
-kernels, instead of dequantising the weights to fp32. On the 100M bench Llama int4 then decodes 262 tok/s
+The block modes run float32 graphs with ``accuracy_level`` 4: activations quantised to int8 per block and
+MLAS's integer kernels, instead of dequantising the weights to fp32 (float16 graphs: level 1, see
+``ACCURACY_LEVEL``). On the 100M bench Llama int4 then decodes 262 tok/s
 against 158 at the default level (one interleaved run), with the same logit error (0.338 vs 0.338 of the fp32
 logits' spread): int4 weight rounding dwarfs the activations' int8 rounding.
 
@@ -36,8 +37,11 @@ from qbuild.errors import CompileError
 
 #: weights per MatMulNBits block (one scale each), for int4 and int8_block
 BLOCK = 32
-#: MatMulNBits accuracy_level: 4 = int8 activations and integer dot products (see the module docstring)
-ACCURACY_LEVEL = 4
+#: MatMulNBits accuracy_level: 4 = int8 activations and integer dot products (see the module docstring); float16
+#: graphs get 1 (fp32 compute): at 4, MLAS's float16 path lost accuracy (tiny Llama's prefill logits: correlation
+#: with the unquantised float16 model 0.964 for int8_block and 0.950 for int4, against 0.99993 and 0.985 at 1;
+#: float32 graphs give 0.9999 at 4)
+ACCURACY_LEVEL, ACCURACY_LEVEL_FLOAT16 = 4, 1
 #: quantisation modes and their weight bits (None: dynamic int8, MatMulInteger)
 MODES = {"int8": None, "int8_block": 8, "int4": 4}
 
@@ -52,15 +56,19 @@ def quantize(onnx_path: Path, out_path: Path, mode: str, *, min_cosine: float | 
     if mode not in MODES:
         raise CompileError(f"compile.onnxruntime.quantize: unknown mode {mode!r}; choose none, "
                            + ", ".join(MODES))
+    types = _matmul_weight_types(onnx_path)
+    if MODES[mode] is None:
+        _check_float32(types, onnx_path, mode)
+    level = ACCURACY_LEVEL if types <= {"float32"} else ACCURACY_LEVEL_FLOAT16
     search: dict[str, Any] = {}
     try:
         if min_cosine is not None:
             if not calibration:
                 raise CompileError("compile.onnxruntime.quantize_min_cosine: the task gives no calibration inputs "
                                    "to measure the cosine on", hint="unset it (null) for this model")
-            search = _to_cosine(mode, onnx_path, out_path, min_cosine, calibration, optimization)
+            search = _to_cosine(mode, onnx_path, out_path, min_cosine, calibration, optimization, level)
         else:
-            _quantize(mode, onnx_path, out_path)
+            _quantize(mode, onnx_path, out_path, level)
     except CompileError:
         raise
     except Exception as exc:
@@ -70,10 +78,30 @@ def quantize(onnx_path: Path, out_path: Path, mode: str, *, min_cosine: float | 
     ops = sorted({n.op_type for n in model.graph.node})
     block = MODES[mode] is not None
     return {"quantize": mode, "ops": ops, "block_size": BLOCK if block else None,
-            "accuracy_level": ACCURACY_LEVEL if block else None, **search}
+            "accuracy_level": level if block else None, **search}
 
 
-def _quantize(mode: str, onnx_path: Path, out_path: Path, exclude: Sequence[str] = (),
+def _matmul_weight_types(onnx_path: Path) -> set[str]:
+    """The numpy dtype names of the constant MatMul weights of ``onnx_path`` (what quantisation touches)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {t.name: t.data_type for t in graph.initializer}
+    return {onnx.helper.tensor_dtype_to_np_dtype(weights[n.input[1]]).name
+            for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+
+
+def _check_float32(types: set[str], onnx_path: Path, mode: str) -> None:
+    """Dynamic int8 quantises float32 MatMuls only: on a float16 graph ONNX Runtime's quantiser writes a model
+    that fails to load with a type error naming a graph node; say what to change instead."""
+    if types - {"float32"}:
+        raise CompileError(f"compile.onnxruntime.quantize={mode}: dynamic int8 quantises float32 MatMuls only, and "
+                           f"{onnx_path.name} has {', '.join(sorted(types - {'float32'}))} weights (model.dtype)",
+                           hint="use compile.onnxruntime.quantize=int8_block (MatMulNBits takes float16), or "
+                                "model.dtype=float32")
+
+
+def _quantize(mode: str, onnx_path: Path, out_path: Path, level: int = ACCURACY_LEVEL, exclude: Sequence[str] = (),
               only: Sequence[str] | None = None) -> None:
     """Quantise the MatMuls with constant weights (``only`` these, if given; never those in ``exclude``)."""
     bits = MODES[mode]
@@ -86,7 +114,7 @@ def _quantize(mode: str, onnx_path: Path, out_path: Path, exclude: Sequence[str]
     if only is not None:  # the quantiser's nodes_to_include adds to its op types, it does not restrict them
         skip |= {n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node} - set(only)
     q = _nbits_quantizer()(str(onnx_path), bits=bits, block_size=BLOCK, is_symmetric=True,
-                             accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=sorted(skip))
+                             accuracy_level=level, nodes_to_exclude=sorted(skip))
     q.process()
     q.model.save_model_to_file(str(out_path), use_external_data_format=True)
 
@@ -141,7 +169,7 @@ def cosines(reference: Sequence[Any], got: Sequence[Any]) -> Any:
 
 
 def _to_cosine(mode: str, onnx_path: Path, out_path: Path, floor: float, calibration: Sequence[Mapping[str, Any]],
-               optimization: str) -> dict[str, Any]:
+               optimization: str, level: int = ACCURACY_LEVEL) -> dict[str, Any]:
     """``mode`` with the fewest most-sensitive MatMuls in fp32 such that the minimum cosine reaches ``floor``."""
     import onnx
 
@@ -149,7 +177,7 @@ def _to_cosine(mode: str, onnx_path: Path, out_path: Path, floor: float, calibra
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # what is quantised
-    _quantize(mode, onnx_path, out_path)
+    _quantize(mode, onnx_path, out_path, level)
     measured = [float(cosines(reference, _outputs(out_path, calibration, optimization)).min())]
     kept: list[str] = []
     if measured[0] < floor:
@@ -157,11 +185,11 @@ def _to_cosine(mode: str, onnx_path: Path, out_path: Path, floor: float, calibra
             alone = Path(tmp) / "model.onnx"
             sensitivity = {}
             for name in matmuls:
-                _quantize(mode, onnx_path, alone, only=[name])
+                _quantize(mode, onnx_path, alone, level, only=[name])
                 sensitivity[name] = 1.0 - float(cosines(reference, _outputs(alone, calibration, optimization)).mean())
         for name in sorted(matmuls, key=lambda n: -sensitivity[n]):
             kept.append(name)
-            _quantize(mode, onnx_path, out_path, exclude=kept)
+            _quantize(mode, onnx_path, out_path, level, exclude=kept)
             measured.append(float(cosines(reference, _outputs(out_path, calibration, optimization)).min()))
             if measured[-1] >= floor:
                 break

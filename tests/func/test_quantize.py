@@ -158,3 +158,21 @@ def test_min_cosine_on_a_causal_lm_keeps_the_most_sensitive_matmuls_in_fp32(tmp_
 
     got = cosines([o.reshape(len(o), -1) for o in outputs(rdir)], [o.reshape(len(o), -1) for o in outputs(qdir)])
     assert got.min() >= floor - 1e-6
+
+
+def test_float16_model_block_quantises_and_dynamic_int8_says_what_to_use(tmp_path: Path) -> None:
+    """MatMulNBits takes float16 activations; ONNX Runtime's dynamic int8 quantiser does not (it wrote a model that
+    failed to load with a type error naming a graph node): a clear error naming the key, nothing built lost."""
+    from qbuild.errors import QBuildError
+
+    f16 = [*BASE, "model.dtype=float16"]
+    ref = build(KV, f16, cache_dir=tmp_path)
+    with pytest.raises(QBuildError) as info:
+        build(KV, [*f16, "compile.onnxruntime.quantize=int8"], cache_dir=tmp_path)
+    assert "compile.onnxruntime.quantize=int8" in str(info.value) and "float16" in str(info.value)
+    assert "int8_block" in (info.value.hint or "")
+    q = build(KV, [*f16, "compile.onnxruntime.quantize=int8_block"], cache_dir=tmp_path)
+    assert Path(ref.artifacts["compiled"]).is_dir()  # the failed compile left the fp16 build in place
+    a, b = _prefill_logits(Path(ref.artifacts["compiled"])), _prefill_logits(Path(q.artifacts["compiled"]))
+    assert a.dtype == b.dtype and np.isfinite(b).all()
+    assert np.corrcoef(a.astype(np.float64).ravel(), b.astype(np.float64).ravel())[0, 1] > 0.99
