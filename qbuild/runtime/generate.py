@@ -142,10 +142,8 @@ class KVRuntime:
 
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RunError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.ctx_len:
-            raise RunError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds seq.ctx_len="
-                           f"{self.ctx_len}", hint="raise seq.ctx_len or lower --max-new-tokens")
+        self._check_fits(max(len(p) for p in prompts), max_new_tokens, "new tokens",
+                         hint="raise seq.ctx_len or lower --max-new-tokens")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         self._lora = self.lora_feed(lora_ids, len(prompts))
         self._alloc(len(prompts))
@@ -170,6 +168,12 @@ class KVRuntime:
             steps += 1
         return Generation(out, t1 - t0, time.perf_counter() - t1, steps, chunks)
 
+    def _check_fits(self, prompt: int, more: int, what: str, hint: str | None = None) -> None:
+        """A prompt of ``prompt`` tokens and ``more`` after it must fit in the static cache."""
+        if prompt + more > self.ctx_len:
+            raise RunError(f"a prompt of {prompt} tokens + {more} {what} exceeds seq.ctx_len={self.ctx_len}",
+                           hint=hint)
+
     def forced_logits(self, prompt: Sequence[int], tokens: Sequence[int], lora_id: int | None = None) -> Any:
         """Logits ``[len(tokens), vocab]`` (float32) of each step when ``tokens`` are fed back whatever the model
         would pick (teacher forcing): row 0 is the prompt's next-token logits, row ``i`` follows ``tokens[:i]``.
@@ -179,9 +183,7 @@ class KVRuntime:
 
         if not prompt or not tokens:
             raise RunError("forced_logits needs a prompt and at least one token")
-        if len(prompt) + len(tokens) > self.ctx_len:
-            raise RunError(f"a prompt of {len(prompt)} tokens + {len(tokens)} tokens exceeds "
-                           f"seq.ctx_len={self.ctx_len}")
+        self._check_fits(len(prompt), len(tokens), "tokens")
         self._lora = self.lora_feed(None if lora_id is None else [lora_id], 1)
         self._alloc(1)
         logits, _ = self.prefill([prompt])
