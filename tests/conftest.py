@@ -45,6 +45,17 @@ def run_qbuild(*args: str, cache: Path | None = None, env: dict[str, str] | None
     return proc
 
 
+def quick_bench(name: str, timeout: int = 300) -> dict[str, Any]:
+    """Run ``bench/NAME.py --quick`` in a fresh process; it must exit 0 and end with one JSON line (rule 15) for
+    this bench in quick mode, which is returned."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["bench"] == name and last["quick"] is True and "machine" in last
+    return last
+
+
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 

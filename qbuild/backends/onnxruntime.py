@@ -152,7 +152,7 @@ def choose_session(model: Path, info: Mapping[str, Any], requested: str,
         return {**choice, "mode": "dynamic", "reason": "no specialisations"}
     if requested != "auto":
         return {**choice, "mode": requested, "reason": f"compile.onnxruntime.session: {requested}"}
-    feeds = [(sample_inputs(s["symbols"]) if sample_inputs else None) or _generic_feed(info["inputs"], s["symbols"])
+    feeds = [(sample_inputs(s["symbols"]) if sample_inputs else None) or generic_feed(info["inputs"], s["symbols"])
              for s in specs]
     if any(f is None for f in feeds):
         return {**choice, "mode": "dynamic", "reason": "the task gives no sample inputs to measure with"}
@@ -186,23 +186,20 @@ def graph_inputs(onnx_path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _generic_feed(inputs: list[dict[str, Any]], symbols: Mapping[str, int]) -> dict[str, Any] | None:
-    """Inputs of the specialisation's shapes when the task gives none: zeros, and positions 0..n-1."""
+def generic_feed(inputs: list[dict[str, Any]], symbols: Mapping[str, int]) -> dict[str, Any] | None:
+    """Inputs of the specialisation's shapes when the task gives none: zeros, and positions 0..n-1 (None when a
+    dim has no value in ``symbols`` or an input type is not int64 / float / float16)."""
     import numpy as np
 
+    types = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16}
     feed = {}
     for i in inputs:
         shape = [int(d) if d.isdigit() else symbols.get(d) for d in i["shape"]]
-        if any(d is None for d in shape):
+        if any(d is None for d in shape) or i["type"] not in types:
             return None
-        if i["type"] == "tensor(int64)":
-            value = np.zeros(shape, np.int64)
-            if i["name"] == "position_ids":
-                value[...] = np.arange(shape[-1])
-        elif i["type"] == "tensor(float)":
-            value = np.zeros(shape, np.float32)
-        else:
-            return None
+        value = np.zeros(shape, types[i["type"]])
+        if i["name"] == "position_ids":
+            value[...] = np.arange(shape[-1])
         feed[i["name"]] = value
     return feed
 

@@ -7,15 +7,18 @@
   sentence-transformers is 0.985.
 - ``int8_block``: int8 weights per block of 32, activations quantised per block (the Q8_0 scheme of llama.cpp).
   On all-MiniLM-L6-v2 the minimum cosine is 0.9991 (1 - cosine 16x smaller); on the 100M bench Llama the logit
-  error is 0.027 of the fp32 logits' spread against int8's 0.042, at the same decode speed, but a prefill runs
-  at fp32's speed, not int8's 1.8x (one interleaved run each, bench/decode.py shapes).
+  error is 0.027 of the fp32 logits' spread against int8's 0.042 at about int8's decode speed (bench/decode.py,
+  six runs), but a 128-token prefill takes 48-57 ms against int8's 39-40 and fp32's 65-67 (bench/decode.py's
+  model, median of 7 interleaved rounds, three runs).
 - ``int4``: the same blocks with 4-bit weights.
 
 The block modes run float32 graphs with ``accuracy_level`` 4: activations quantised to int8 per block and
 MLAS's integer kernels, instead of dequantising the weights to fp32 (float16 graphs: level 1, see
-``ACCURACY_LEVEL``). On the 100M bench Llama int4 then decodes 262 tok/s
-against 158 at the default level (one interleaved run), with the same logit error (0.338 vs 0.338 of the fp32
-logits' spread): int4 weight rounding dwarfs the activations' int8 rounding.
+``ACCURACY_LEVEL``). On the 100M bench Llama, int4 against the default level (medians of 7 interleaved rounds,
+three runs): decode 262-281 vs 207-226 tok/s (1.16-1.30x) and a 32-token prefill 33-44 vs 47-49 ms, but a
+128-token prefill 87-98 vs 68-70 ms, with the same logit error (0.338 vs 0.338 of the fp32 logits' spread:
+int4 weight rounding dwarfs the activations' int8 rounding). Decode dominates generation, so level 4 it is;
+long prompts pay ~30% more prefill.
 
 int8 or int8_block with a cosine floor (``compile.onnxruntime.quantize_min_cosine``) chooses by measurement
 which MatMuls stay in fp32: every MatMul's sensitivity is measured alone (only it quantised: 1 - the mean

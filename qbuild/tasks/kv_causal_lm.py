@@ -120,6 +120,8 @@ class KVCausalLMTask(Task):
         logits at each prompt's last token, is what the cosine compares. Needs ``graph_inputs`` (cache shapes)."""
         import numpy as np
 
+        from qbuild.backends.onnxruntime import generic_feed
+
         if not graph_inputs:
             return []
         rng = np.random.default_rng(0)
@@ -128,21 +130,10 @@ class KVCausalLMTask(Task):
         prefill = [s for s in specializations if int(s["symbols"]["seq_len"]) > 1] or list(specializations)
         feeds = []
         for spec in prefill:
-            symbols = {**spec["symbols"], "batch_size": rows}
-            feed: dict[str, Any] = {}
-            for i in graph_inputs:
-                shape = [int(d) if str(d).isdigit() else symbols.get(str(d)) for d in i["shape"]]
-                if any(d is None for d in shape):
-                    return []
-                if i["name"] == "input_ids":
-                    feed[i["name"]] = rng.integers(low, vocab_size, size=shape).astype(np.int64)
-                elif i["name"] == "position_ids":
-                    feed[i["name"]] = np.broadcast_to(np.arange(shape[-1]), shape).astype(np.int64)
-                elif i["type"] in ("tensor(float)", "tensor(float16)", "tensor(int64)"):
-                    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(i["type"], np.int64)
-                    feed[i["name"]] = np.zeros(shape, dtype)  # empty caches; adapter ids 0 (the base model)
-                else:
-                    return []
+            feed = generic_feed(graph_inputs, {**spec["symbols"], "batch_size": rows})  # empty caches, adapter 0
+            if feed is None or "input_ids" not in feed:
+                return []
+            feed["input_ids"] = rng.integers(low, vocab_size, size=feed["input_ids"].shape).astype(np.int64)
             feeds.append(feed)
         return feeds
 

@@ -20,7 +20,7 @@ from qbuild.finetune.data import ALPACA_INPUT, DatasetError, read_examples
 from qbuild.manifest.validate import to_manifest
 from qbuild.plan.planner import resolve_stages
 from qbuild.store import Store
-from tests.conftest import ROOT, json_lines, run_qbuild
+from tests.conftest import ROOT, json_lines, quick_bench, run_qbuild
 from tests.unit import test_key_property as kp
 
 FIXTURES = ROOT / "tests" / "fixtures" / "finetune"
@@ -301,11 +301,7 @@ def test_a_bad_line_fails_the_build_naming_the_key_and_the_line(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_the_quick_bench_ends_with_one_json_line() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "finetune.py"), "--quick"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert last["bench"] == "finetune" and last["quick"] is True and "machine" in last
+    last = quick_bench("finetune")
     assert last["losses_agree"] is True and last["max_loss_diff"] <= 1e-5
     assert last["plain_peak_rss_mb"] > 0 and last["ckpt_peak_rss_mb"] > 0
     assert last["plain_s_per_step"] > 0 and last["ckpt_s_per_step"] > 0

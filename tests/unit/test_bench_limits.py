@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import _machine as m  # noqa: E402
+
+from tests.conftest import quick_bench  # noqa: E402
 
 
 def _load(name: str):  # noqa: ANN202
@@ -100,11 +100,7 @@ def test_weight_bytes_counts_initializers_and_skips_gather_tables(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.parametrize("bench", ["decode", "embed"])
 def test_quick_bench_ends_with_bounded_limit(bench: str) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{bench}.py"), "--quick"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert last["bench"] == bench and last["quick"] is True
+    last = quick_bench(bench)
     assert 0 < last["fraction_of_limit"] <= 1
     assert isinstance(last["limit_underestimated"], bool) and "machine" in last
     if bench == "decode":

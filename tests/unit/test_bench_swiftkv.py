@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
+
+from tests.conftest import quick_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,11 +39,7 @@ def test_prefill_flops_by_hand() -> None:
 
 @pytest.mark.slow
 def test_quick_bench_ends_with_json_line() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "swiftkv.py"), "--quick"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert last["bench"] == "swiftkv" and last["quick"] is True and "machine" in last
+    last = quick_bench("swiftkv")
     assert 1.5 < last["flop_ratio"] < 2 and 1.5 < last["checkpoint_flop_ratio"] < 2  # half the layers skip prefill
     assert last["swiftkv_gflop"] < last["llama_gflop"]
     for key in ("swiftkv_ms", "llama_ms"):
