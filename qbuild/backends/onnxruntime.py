@@ -75,9 +75,11 @@ def _check_compile_args(onnx_path: Path, out_dir: Path, graph_optimization: str,
 
 def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimization: str,
                  specializations: list[dict[str, Any]] | None = None, session: str = "auto",
-                 sample_inputs: SampleInputs | None = None) -> dict[str, Any]:
+                 sample_inputs: SampleInputs | None = None, kv_attention: str | None = None) -> dict[str, Any]:
     """Optimise ``onnx_path`` offline into ``out_dir/model.onnx`` (+ ``.data``) and write ``session.json``.
 
+    ``kv_attention``: recorded for the runtime (``group_query``: the KV caches are written in place by
+    GroupQueryAttention, under its padding contract, qbuild.transforms.models.llama.gqa_slots).
     With ``specializations`` (``[{"name", "symbols": {dim: int}}]``), ``session`` chooses fixed-shape
     sessions or one dynamic session; ``auto`` measures both on ``sample_inputs(symbols)``.
     """
@@ -115,6 +117,7 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
         "inputs": _io(optimiser.get_inputs()),
         "outputs": _io(optimiser.get_outputs()),
         "specializations": list(specializations or []),
+        **({"kv_attention": kv_attention} if kv_attention else {}),
     }
     del optimiser
     info["session"] = choose_session(target, info, session, sample_inputs)
@@ -124,6 +127,13 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
     (out_dir / SESSION_FILE).write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     return {**info, "files": files}
+
+
+def kv_attention(export: dict[str, Any]) -> str | None:
+    """``group_query`` when the export wrote its KV attention as GroupQueryAttention (the runtime then binds the
+    caches in place and keeps to its padding contract), else None."""
+    attention = str((export.get("graph_form") or {}).get("attention", ""))
+    return "group_query" if attention.startswith("com.microsoft GroupQueryAttention") else None
 
 
 def _dtype_hint(onnx_path: Path) -> str | None:
@@ -319,7 +329,8 @@ class OrtBackend(Backend):
                 ctx.progress(f"measuring fixed-shape vs dynamic sessions on {len(specs)} specialisations", None)
             info = compile_onnx(onnx, ctx.out, num_cores=o.threads, graph_optimization=o.graph_optimization,
                                 specializations=specs, session=o.session,
-                                sample_inputs=lambda symbols: task.sample_inputs(dict(symbols), vocab))
+                                sample_inputs=lambda symbols: task.sample_inputs(dict(symbols), vocab),
+                                kv_attention=kv_attention(export))
         return {**info, **({"quantization": quant} if quant else {})}
 
     def open(self, directory: Path, *, threads: int | None = None) -> Artifact:

@@ -154,6 +154,10 @@ class OnnxRuntimeSpec:
                                                 "fp32 reaches this")
     session: str = _f("auto", choices=["auto", "fixed", "dynamic"],
                       help="ONNX Runtime: fixed-shape sessions per specialisation, one dynamic, or measure")
+    attention: str = _f("auto", choices=["auto", "plain"],
+                        help="KV causal LMs: auto exports each layer's cache write and attention as one ONNX Runtime "
+                             "GroupQueryAttention where the family allows (Llama, Mistral, Qwen2, Qwen3; legacy "
+                             "exporter); plain keeps the standard ops")
 
 
 @dataclass(frozen=True)

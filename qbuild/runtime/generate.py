@@ -5,6 +5,12 @@ several times, for longer prompts); decode runs one token per step. The caches s
 ``OrtValue``s bound with IOBinding: each step reads one set and writes the other (double buffering),
 so no cache is copied through numpy between steps. Rows of a batch keep their own positions; padding
 positions are -1 and write nothing.
+
+An artifact whose attention is ONNX Runtime's GroupQueryAttention (``session.json``: ``kv_attention:
+group_query``) writes its caches in place: one set, bound as input and output. Its kernel takes several rows
+with a past only one token at a time, so a batch whose prompts need more than one prefill chunk is prefilled
+row by row (into views of the batch's caches), and a last chunk that would run past ``ctx_len`` starts earlier,
+at ``ctx_len - chunk`` (the tokens it repeats are written again with the same values).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class KVRuntime:
         types = {i["name"]: i.get("type") for i in recorded}
         # the caches in the graph's own dtype (a float16 export reads and writes float16 caches)
         self.kv_dtype = "float16" if types.get(self.kv_inputs[0]) == "tensor(float16)" else "float32"
+        self.in_place = self.sessions.info.get("kv_attention") == "group_query"
 
     def lora_feed(self, lora_ids: Sequence[int] | None, batch: int) -> Any:
         """``lora_ids [batch, 1]`` for a program with adapters (none given: 0, the base model), else None."""
@@ -81,8 +88,11 @@ class KVRuntime:
         import onnxruntime as ort
 
         shape = (batch, self.kv_heads, self.ctx_len, self.head_dim)
-        self._arrays = [[np.zeros(shape, self.kv_dtype) for _ in self.kv_inputs] for _ in range(2)]
+        sets = 1 if self.in_place else 2  # in place: the step writes the caches it reads
+        self._arrays = [[np.zeros(shape, self.kv_dtype) for _ in self.kv_inputs] for _ in range(sets)]
         self._kv = [[ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] for arrays in self._arrays]
+        if self.in_place:
+            self._kv.append(self._kv[0])
         self._bindings: dict[int, tuple[Any, Any]] = {}
 
     def _binding(self, batch: int, seq: int) -> tuple[Any, Any]:
@@ -119,19 +129,41 @@ class KVRuntime:
         lens = [len(p) for p in prompts]
         chunk = self._chunk_len(max(lens))
         n_chunks = math.ceil(max(lens) / chunk)
+        if self.in_place and len(prompts) > 1 and n_chunks > 1:
+            return self._prefill_rows(prompts)
+        starts = [k * chunk for k in range(n_chunks)]
+        if self.in_place:  # GroupQueryAttention writes the whole chunk: keep it inside the cache
+            starts[-1] = max(0, min(starts[-1], self.ctx_len - chunk))
         last = None
-        for k in range(n_chunks):
+        for start in starts:
             ids = np.zeros((len(prompts), chunk), np.int64)
             pos = np.full((len(prompts), chunk), -1, np.int64)
             for b, p in enumerate(prompts):
-                seg = p[k * chunk:(k + 1) * chunk]
+                seg = p[start:start + chunk]
                 ids[b, :len(seg)] = seg
-                pos[b, :len(seg)] = np.arange(k * chunk, k * chunk + len(seg))
+                pos[b, :len(seg)] = np.arange(start, start + len(seg))
             logits = self._step(ids, pos)[:, 0]
             last = logits.copy() if last is None else last
-            ends_here = [k * chunk < n <= (k + 1) * chunk for n in lens]
+            ends_here = [start < n <= start + chunk for n in lens]
             last[ends_here] = logits[ends_here]
         return last, n_chunks
+
+    def _prefill_rows(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, int]:
+        """:meth:`prefill` one prompt at a time, each into its row of the batch's caches (views, no copy)."""
+        import numpy as np
+        import onnxruntime as ort
+
+        batch_kv, lora, rows, chunks = self._kv, getattr(self, "_lora", None), [], 0
+        try:
+            for b, p in enumerate(prompts):
+                views = [ort.OrtValue.ortvalue_from_numpy(a[b:b + 1]) for a in self._arrays[0]]
+                self._kv, self._lora = [views, views], None if lora is None else lora[b:b + 1]
+                logits, n = self.prefill([p])
+                rows.append(logits[0])
+                chunks += n
+        finally:
+            self._kv, self._lora = batch_kv, lora
+        return np.stack(rows), chunks
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
                  on_token: Callable[[int, int], None] | None = None,

@@ -13,8 +13,11 @@ HF ``generate(do_sample=False)`` on the untransformed model.
 A build compiled by qaic exports QEfficient's graph form (``graph: qaic``, keyed by the export): the
 cache is written and read through ``com.qualcomm.cloud::CtxScatter`` / ``CtxGather`` and every RMSNorm
 is ``com.qti.aisw.onnx::CustomRMSNorm``, all ONNX functions with standard-op bodies (qbuild.transforms.
-custom_ops), and a bfloat16 model is exported in float32 on ai100. The onnxruntime build keeps the plain
-form (``ScatterElements``, the model's own norms), which ONNX Runtime runs fastest.
+custom_ops), and a bfloat16 model is exported in float32 on ai100. The onnxruntime build keeps the model's
+own norms and, with ``compile.onnxruntime.attention=auto`` (the default), exports a Llama-family model's cache
+write and attention as ONNX Runtime's ``GroupQueryAttention`` (``graph: fused``; the caches written in place, under
+the padding contract of qbuild.transforms.models.llama.gqa_slots); otherwise the plain form (``ScatterElements``
+and masked MatMul attention).
 
 Beside the graph, export saves ``tokenizer/``: the ``tokenizers`` pipeline transformers builds for the model's
 tokenizer, with the EOS ids of its generation config, so that ``qbuild run`` tokenises exactly as transformers
@@ -63,7 +66,9 @@ def _names(prefix: str, n: int) -> list[str]:
 @dataclass(frozen=True)
 class KVExport:
     tokenizer: TokenizerRef  # saved beside the graph for the runtime
-    graph: str = "plain"  # "qaic": CtxScatter/CtxGather and CustomRMSNorm (a build compiled by qaic)
+    # "qaic": CtxScatter/CtxGather and CustomRMSNorm (a build compiled by qaic); "fused": GroupQueryAttention where
+    # the family allows (compile.onnxruntime.attention=auto), else plain
+    graph: str = "plain"
     dtype: str | None = None  # the dtype exported in when not model.dtype (bfloat16 on ai100: float32)
     sub_functions: bool = False  # compile.qaic.use_onnx_subfunctions: decoder layers as ONNX functions
 
@@ -90,7 +95,7 @@ class KVCausalLMTask(Task):
         tokenizer = resolve_model(m)[1]
         qaic = export_graph(m)
         if qaic is None:
-            return KVExport(tokenizer)
+            return KVExport(tokenizer, "fused" if m.compile.onnxruntime.attention == "auto" else "plain")
         return KVExport(tokenizer, "qaic", qaic.dtype, qaic.sub_functions)
 
     def export(self, model: Any, out: Path, p: ExportParams, ctx: StageContext) -> dict[str, Any]:
@@ -299,8 +304,10 @@ def graph_form(model: Any, graph: str, dtype: str | None, sub_functions: bool = 
                exporter: str = "legacy") -> Iterator[dict[str, Any]]:
     """The model as the ``graph`` form exports it, for the time of the block; yields what was changed.
 
-    ``qaic``: CtxScatter/CtxGather cache ops and CustomRMSNorm norms; ``plain``: a large output head as column
-    blocks (:func:`~qbuild.transforms.kv_cache.head_blocks`) and, for the legacy exporter, RoPE as ONNX Runtime's
+    ``qaic``: CtxScatter/CtxGather cache ops and CustomRMSNorm norms; ``fused``: ``plain``, with the attention
+    as GroupQueryAttention where the model allows (:func:`~qbuild.transforms.models.llama.fused_attention`; the
+    report says which, and why not); ``plain``: a large output head as column blocks
+    (:func:`~qbuild.transforms.kv_cache.head_blocks`) and, for the legacy exporter, RoPE as ONNX Runtime's
     RotaryEmbedding (:func:`~qbuild.transforms.models.llama.rope_tables`); ``dtype``: parameters and buffers
     cast to it; ``sub_functions``: the decoder layers called as modules of a swapped class (its ``classes`` go to
     ``export_modules_as_functions``) and the invalid cache index 0 (qbuild.transforms.kv_cache.layer_functions).
@@ -310,10 +317,10 @@ def graph_form(model: Any, graph: str, dtype: str | None, sub_functions: bool = 
 
     from qbuild.transforms.custom_ops import swapped_rmsnorm
     from qbuild.transforms.kv_cache import head_blocks, kv_ops, layer_functions
-    from qbuild.transforms.models.llama import rope_tables
+    from qbuild.transforms.models.llama import fused_attention, rope_tables, rotary_inside
 
-    if graph not in ("plain", "qaic"):
-        raise ExportError(f"unknown KV graph form {graph!r}; expected plain or qaic")
+    if graph not in ("plain", "qaic", "fused"):
+        raise ExportError(f"unknown KV graph form {graph!r}; expected plain, fused or qaic")
     report: dict[str, Any] = {"graph": graph}
     with contextlib.ExitStack() as stack:
         if dtype is not None:
@@ -329,7 +336,14 @@ def graph_form(model: Any, graph: str, dtype: str | None, sub_functions: bool = 
         else:
             if (blocks := stack.enter_context(head_blocks(model))) > 1:
                 report["head_blocks"] = blocks
-            if exporter == "legacy" and stack.enter_context(rope_tables(model)):
+            tables = exporter == "legacy" and stack.enter_context(rope_tables(model))
+            if graph == "fused":
+                why = ("the dynamo exporter cannot export it (export.exporter=legacy can)" if exporter != "legacy"
+                       else stack.enter_context(fused_attention(model)))
+                report["attention"] = "com.microsoft GroupQueryAttention" if why is None else f"plain: {why}"
+                if why is None and tables and rotary_inside(model):
+                    report["rotary"] = "inside GroupQueryAttention"
+            if tables and "rotary" not in report:
                 report["rotary"] = "com.microsoft RotaryEmbedding"
         if sub_functions:
             classes = stack.enter_context(layer_functions(model))

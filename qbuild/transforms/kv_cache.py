@@ -20,6 +20,10 @@ arguments ``past_key_{i}`` / ``past_value_{i}``.
   restrictions of the layer); masked scores take the dtype's minimum (finite, so an all-padding row
   stays finite). It is built from position ids only; there is no attention-mask input.
 * Logits are computed for the last valid token of each row only (``argmax(position_ids)``).
+* The fused form (ONNX Runtime's GroupQueryAttention, ``qbuild.transforms.models.llama.fused_attention``)
+  narrows this contract: a row's valid tokens come first, at consecutive positions, and its padding is written
+  at the slots after them (a row of padding only: the last slots of the cache), where no valid query looks
+  before a real token overwrites them.
 
 Family rewrites live in ``qbuild.transforms.models.<family>`` (looked up by ``config.model_type``).
 """

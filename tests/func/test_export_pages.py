@@ -252,10 +252,12 @@ def test_rope_tables_have_a_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not applies
 
 
-def test_float16_kv_build_runs_on_onnx_runtime(tmp_path: Path) -> None:
-    """A float16 KV model builds for ONNX Runtime end to end: the graph rotates in float16, the runtime allocates
-    float16 caches (it fed float32 ones before: 'Unexpected input data type'), and verify's greedy tokens equal
-    transformers' generate on the same float16 weights."""
+@pytest.mark.parametrize("attention", ["auto", "plain"])
+def test_float16_kv_build_runs_on_onnx_runtime(attention: str, tmp_path: Path) -> None:
+    """A float16 KV model builds for ONNX Runtime end to end: the graph rotates in float16 (inside
+    GroupQueryAttention, or with RotaryEmbedding in the plain form), the runtime allocates float16 caches (it fed
+    float32 ones before: 'Unexpected input data type'), and verify's greedy tokens equal transformers' generate on
+    the same float16 weights."""
     import json
 
     import onnx
@@ -263,14 +265,20 @@ def test_float16_kv_build_runs_on_onnx_runtime(tmp_path: Path) -> None:
     from tests.conftest import ROOT, run_qbuild
 
     cache = tmp_path / "cache"
-    out = run_qbuild(str(ROOT / "manifests" / "tiny-llama-kv.yaml"), "model.dtype=float16", "--json", cache=cache,
-                     check=True)
+    out = run_qbuild(str(ROOT / "manifests" / "tiny-llama-kv.yaml"), "model.dtype=float16",
+                     f"compile.onnxruntime.attention={attention}", "--json", cache=cache, check=True)
     summary = json.loads(out.stdout.splitlines()[-1])
     assert {s["name"]: s["state"] for s in summary["stages"]}["verify"] == "built"
     (onnx_path,) = (cache / "objects" / "export").glob("*/out/model.onnx")
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     assert [i.type.tensor_type.elem_type for i in graph.input if i.name == "past_key.0"] == [onnx.TensorProto.FLOAT16]
-    assert sum(n.op_type == "RotaryEmbedding" for n in graph.node) == 4
+    if attention == "plain":
+        assert sum(n.op_type == "RotaryEmbedding" for n in graph.node) == 4
+    else:
+        fused = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(fused) == 2 and all(onnx.helper.get_attribute_value(a) == 1 for n in fused
+                                       for a in n.attribute if a.name == "do_rotary")
+        assert not any(n.op_type == "RotaryEmbedding" for n in graph.node)
 
 
 def test_bfloat16_on_onnx_runtime_fails_with_a_hint(tmp_path: Path) -> None:

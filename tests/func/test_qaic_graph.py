@@ -121,7 +121,13 @@ def test_the_onnxruntime_build_keeps_the_plain_graph_under_another_export_key(sd
     assert qaic.key != ort.key and auto.key == qaic.key
     r = build(manifest, ["compile.backend=onnxruntime", "verify.enabled=false"], cache_dir=cache)
     _model, ops = graph_ops(Path(r.artifacts["onnx"]))
-    # the plain cache writes; no qaic custom op, only ONNX Runtime's own RotaryEmbedding (2 layers x q, k)
+    # no qaic custom op: by default ONNX Runtime's own GroupQueryAttention (one a layer, the cache written by it)
+    assert not ops[("", "ScatterElements")] and {k: n for k, n in ops.items() if k[0]} == {
+        ("com.microsoft", "GroupQueryAttention"): 2}
+    r = build(manifest, ["compile.backend=onnxruntime", "compile.onnxruntime.attention=plain", "verify.enabled=false"],
+              cache_dir=cache)
+    _model, ops = graph_ops(Path(r.artifacts["onnx"]))
+    # the plain cache writes, and ONNX Runtime's own RotaryEmbedding (2 layers x q, k)
     assert ops[("", "ScatterElements")] == 4 and {k: n for k, n in ops.items() if k[0]} == {
         ("com.microsoft", "RotaryEmbedding"): 4}
 

@@ -226,9 +226,11 @@ def test_content_leaves_key_on_content_not_location(world: dict[str, Any], base_
 
 
 #: compile settings the export does read: a build compiled by qaic exports QEfficient's graph form (issue 17:
-#: CtxScatter/CtxGather, CustomRMSNorm, bfloat16 as float32 on ai100, decoder layers as functions)
+#: CtxScatter/CtxGather, CustomRMSNorm, bfloat16 as float32 on ai100, decoder layers as functions); an onnxruntime
+#: build of a KV model exports its attention as GroupQueryAttention or not (compile.onnxruntime.attention)
 EXPORT_READS = {"compile.backend", "compile.qaic.use_onnx_subfunctions", "compile.qaic.aic_hw_version",
-                "compile.qaic.device_group", "compile.qaic.compiler", "compile.qaic.sdk_dir"}
+                "compile.qaic.device_group", "compile.qaic.compiler", "compile.qaic.sdk_dir",
+                "compile.onnxruntime.attention"}
 
 
 @pytest.mark.parametrize("base_name", ["causal_lm", "kv", "kv-qaic", "kv-lora", "vlm", "vlm-single", "vlm-llama4",

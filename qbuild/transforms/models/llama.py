@@ -21,6 +21,10 @@ import torch
 
 from qbuild.transforms.kv_cache import KVCausalLM, attend, causal_mask, fold_mask
 
+#: ``graph_form("fused")``: the attribute a :class:`KVLlama` holds while its attention exports as one
+#: ``com.microsoft::GroupQueryAttention`` node a layer (:func:`fused_attention`)
+FUSED = "kv_fused"
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -89,6 +93,97 @@ def rope_tables(model: Any) -> Iterator[bool]:
             delattr(model, name)
 
 
+def gqa_slots(position_ids: torch.Tensor, ctx_len: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seqlens_k [B]`` and ``total_sequence_length`` (0-d), int32, of GroupQueryAttention for ``position_ids
+    [B,S]`` under the fused form's contract: a row's valid tokens come first, at consecutive positions from
+    ``position_ids[b, 0]``, and its padding is written at the slots that follow (it keeps counting); a row that
+    is all padding writes the last ``S`` slots. The kernel writes token ``s`` of row ``b`` at slot
+    ``seqlens_k[b] + 1 - S + s`` and lets it see slots up to there."""
+    s = position_ids.shape[1]
+    first = position_ids[:, 0]
+    seqlens = torch.where(first >= 0, first + (s - 1), torch.full_like(first, ctx_len - 1)).to(torch.int32)
+    return seqlens, seqlens.max() + 1
+
+
+def gqa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                  seqlens_k: torch.Tensor, scale: float, window: int | None = None,
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """What ``com.microsoft::GroupQueryAttention`` computes (past and present sharing the cache): ``q [B,S,Hq*D]``,
+    ``k, v [B,S,Hkv*D]`` written into ``past_k, past_v [B,Hkv,C,D]`` at the slots :func:`gqa_slots` describes,
+    causal attention over the slots up to each token's (the last ``window`` only, when given); ``rope``: cos, sin
+    tables ``[P, D/2]`` applied (rotate-half) to q and k at those slots first. Returns ``[B,S,Hq*D]`` and the
+    caches."""
+    b, s, _ = q.shape
+    hkv, ctx_len, d = past_k.shape[1:]
+    slots = seqlens_k.to(torch.int64)[:, None] + 1 - s + torch.arange(s)[None]  # [B,S]
+    q, k, v = (t.reshape(b, s, -1, d).transpose(1, 2) for t in (q, k, v))  # [B,H,S,D]
+    if rope is not None:
+        cos, sin = (torch.cat((t[slots], t[slots]), -1)[:, None] for t in rope)  # [B,1,S,D]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    index = slots[:, None, :, None].expand(b, hkv, s, d)
+    past_k, past_v = past_k.scatter(2, index, k), past_v.scatter(2, index, v)
+    out = attend(q, past_k, past_v, causal_mask(slots, ctx_len, window=window), scale)
+    return out, past_k, past_v
+
+
+class OrtGroupQueryAttention(torch.autograd.Function):
+    """:func:`gqa_reference` run eagerly; one ``com.microsoft::GroupQueryAttention`` node in a legacy export."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,  # noqa: ANN401
+                past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, cos: torch.Tensor | None,
+                sin: torch.Tensor | None, heads: int, scale: float, window: int | None) -> tuple[torch.Tensor, ...]:
+        return gqa_reference(q, k, v, past_k, past_v, seqlens_k, scale, window, None if cos is None else (cos, sin))
+
+    @staticmethod
+    def symbolic(g: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, seqlens_k: Any, total: Any,
+                 cos: Any, sin: Any, heads: int, scale: float, window: int | None) -> Any:
+        from torch.onnx.symbolic_helper import _get_tensor_sizes
+
+        kv_heads = _get_tensor_sizes(past_k)[1]
+        attrs: dict[str, Any] = {"num_heads_i": heads, "kv_num_heads_i": kv_heads, "scale_f": scale}
+        inputs = [q, k, v, past_k, past_v, seqlens_k, total]
+        if cos is not None and not (hasattr(cos, "node") and cos.node().mustBeNone()):
+            inputs += [cos, sin]
+            attrs.update(do_rotary_i=1, rotary_interleaved_i=0)
+        if window is not None:
+            attrs["local_window_size_i"] = window
+        out, pk, pv = g.op("com.microsoft::GroupQueryAttention", *inputs, outputs=3, **attrs)
+        out.setType(q.type())
+        pk.setType(past_k.type())
+        pv.setType(past_v.type())
+        return out, pk, pv
+
+
+@contextlib.contextmanager
+def fused_attention(model: Any) -> Iterator[str | None]:
+    """For the time of the block, a Llama / Mistral / Qwen2 / Qwen3 :class:`KVLlama` exports its attention (cache
+    write + grouped-query attention, and RoPE when :func:`rope_tables` holds the tables) as ONNX Runtime's
+    ``GroupQueryAttention``, under :func:`gqa_slots`'s contract on padding. Yields None when it applies, else
+    why not (the model keeps the plain ops)."""
+    cls = type(model)
+    why = None
+    if not isinstance(model, KVLlama) or cls.kv_family != "llama" or cls.kv_attention is not KVLlama.kv_attention \
+            or cls.kv_context is not KVLlama.kv_context or cls.kv_softcap is not KVLlama.kv_softcap:
+        why = f"the {getattr(cls, 'kv_family', cls.__name__)} family keeps its own attention ops"
+    elif model.kv_backbone().embed_tokens.weight.dtype not in (torch.float32, torch.float16):
+        why = "ONNX Runtime's GroupQueryAttention runs float32 and float16 only"
+    if why:
+        yield why
+        return
+    setattr(model, FUSED, True)
+    try:
+        yield None
+    finally:
+        delattr(model, FUSED)
+
+
+def rotary_inside(model: Any) -> bool:
+    """Whether GroupQueryAttention can do the RoPE itself (its CPU kernel's rotary needs a head size that is a
+    multiple of 16); else it is done before, as in the plain form."""
+    return model.kv_cache_shape()[1] % 16 == 0
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Rotate-half RoPE; ``q [B,H,S,D]``, ``cos/sin [B,S,D]``."""
     cos, sin = cos[:, None], sin[:, None]  # [B,1,S,D]
@@ -143,6 +238,8 @@ class KVLlama(KVCausalLM):
             # -1 reads row 0: its values are never seen, module doc of kv_cache); "rope" stays for code that reads
             # it directly (SwiftKV), else the exporter drops its nodes
             ctx["rope_table"] = (position_ids.clamp(min=0), *(getattr(self, n) for n in ROPE_TABLES))
+        if self.__dict__.get(FUSED):
+            ctx["gqa"] = gqa_slots(position_ids, ctx_len)
         return ctx
 
     def kv_embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -175,6 +272,8 @@ class KVLlama(KVCausalLM):
 
     def kv_attention(self, i: int, attn: Any, x: torch.Tensor, ctx: dict[str, Any], past_k: torch.Tensor,
                      past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if "gqa" in ctx:
+            return self.kv_fused_attention(i, attn, x, ctx, past_k, past_v)
         q, k, v = self.kv_qkv(attn, x)
         q, k = self.kv_rope(i, q, k, ctx)
         past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,Hkv,C,D] each
@@ -183,6 +282,28 @@ class KVLlama(KVCausalLM):
         groups = self.config.num_attention_heads // self.kv_cache_shape()[0]  # type: ignore[attr-defined]
         out = attend(q, k_all, v_all, mask, attn.scaling, softcap=self.kv_softcap(attn), repeat=repeat,
                      folded_mask=None if repeat else fold_mask(ctx, kind, mask, groups))  # [B,S,Hq*D]
+        return attn.o_proj(out), past_k, past_v
+
+    def kv_fused_attention(self, i: int, attn: Any, x: torch.Tensor, ctx: dict[str, Any], past_k: torch.Tensor,
+                           past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`kv_attention` as one GroupQueryAttention (:func:`fused_attention`): the projections go in, RoPE
+        is done inside when the tables are held (else here), and the caches are written in place."""
+        b, s, _ = x.shape
+        inside = "rope_table" in ctx and rotary_inside(self)
+        tables: tuple[Any, Any] = ctx["rope_table"][1:] if inside else (None, None)
+        if tables[0] is not None and not hasattr(attn, "q_norm"):
+            q, k, v = (proj(x) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B,S,H*D]
+        else:
+            q, k, v = self.kv_qkv(attn, x)  # [B,H,S,D], Qwen3's norms applied
+            if tables[0] is None:
+                q, k = self.kv_rope(i, q, k, ctx)
+            q, k, v = (t.transpose(1, 2).reshape(b, s, -1) for t in (q, k, v))
+        sliding = self.kv_layer_type(i) == "sliding_attention"
+        window = getattr(self.config, "sliding_window", None) if sliding else None  # type: ignore[attr-defined]
+        seqlens, total = ctx["gqa"]
+        heads = int(self.config.num_attention_heads)  # type: ignore[attr-defined]
+        out, past_k, past_v = OrtGroupQueryAttention.apply(q, k, v, past_k, past_v, seqlens, total, *tables, heads,
+                                                           float(attn.scaling), window)
         return attn.o_proj(out), past_k, past_v
 
     def kv_softcap(self, attn: Any) -> float | None:
