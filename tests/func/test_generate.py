@@ -43,6 +43,9 @@ def test_family_tokens_equal_hf_generate(model: str, tmp_path: Path) -> None:
         assert len(tokens) == 32 or tokens[-1] == eos
     session = json.loads((Path(result.artifacts["compiled"]) / "session.json").read_text())
     assert session["inputs"][0]["name"] == "input_ids"
+    # compile.onnxruntime.attention=auto: GroupQueryAttention, the caches written in place, where the family allows
+    fused = model not in ("tiny-gpt2", "tiny-llama4")
+    assert (session.get("kv_attention") == "group_query") == fused, session.get("kv_attention")
 
 
 def test_run_from_fresh_then_warm_cache(tmp_path: Path) -> None:

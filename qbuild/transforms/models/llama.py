@@ -107,12 +107,13 @@ def gqa_slots(position_ids: torch.Tensor, ctx_len: Any) -> tuple[torch.Tensor, t
 
 def gqa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                   seqlens_k: torch.Tensor, scale: float, window: int | None = None,
-                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  softcap: float | None = None) -> tuple[torch.Tensor, ...]:
     """What ``com.microsoft::GroupQueryAttention`` computes (past and present sharing the cache): ``q [B,S,Hq*D]``,
     ``k, v [B,S,Hkv*D]`` written into ``past_k, past_v [B,Hkv,C,D]`` at the slots :func:`gqa_slots` describes,
     causal attention over the slots up to each token's (the last ``window`` only, when given); ``rope``: cos, sin
-    tables ``[P, D/2]`` applied (rotate-half) to q and k at those slots first. Returns ``[B,S,Hq*D]`` and the
-    caches."""
+    tables ``[P, D/2]`` applied (rotate-half) to q and k at those slots first; ``softcap``: scaled scores
+    soft-capped (``softcap * tanh(s / softcap)``). Returns ``[B,S,Hq*D]`` and the caches."""
     b, s, _ = q.shape
     hkv, ctx_len, d = past_k.shape[1:]
     slots = seqlens_k.to(torch.int64)[:, None] + 1 - s + torch.arange(s)[None]  # [B,S]
@@ -122,7 +123,7 @@ def gqa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: tor
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     index = slots[:, None, :, None].expand(b, hkv, s, d)
     past_k, past_v = past_k.scatter(2, index, k), past_v.scatter(2, index, v)
-    out = attend(q, past_k, past_v, causal_mask(slots, ctx_len, window=window), scale)
+    out = attend(q, past_k, past_v, causal_mask(slots, ctx_len, window=window), scale, softcap=softcap)
     return out, past_k, past_v
 
 
@@ -132,12 +133,14 @@ class OrtGroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,  # noqa: ANN401
                 past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, cos: torch.Tensor | None,
-                sin: torch.Tensor | None, heads: int, scale: float, window: int | None) -> tuple[torch.Tensor, ...]:
-        return gqa_reference(q, k, v, past_k, past_v, seqlens_k, scale, window, None if cos is None else (cos, sin))
+                sin: torch.Tensor | None, heads: int, scale: float, window: int | None,
+                softcap: float | None = None) -> tuple[torch.Tensor, ...]:
+        return gqa_reference(q, k, v, past_k, past_v, seqlens_k, scale, window, None if cos is None else (cos, sin),
+                             softcap)
 
     @staticmethod
     def symbolic(g: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, seqlens_k: Any, total: Any,
-                 cos: Any, sin: Any, heads: int, scale: float, window: int | None) -> Any:
+                 cos: Any, sin: Any, heads: int, scale: float, window: int | None, softcap: float | None = None) -> Any:
         from torch.onnx.symbolic_helper import _get_tensor_sizes
 
         kv_heads = _get_tensor_sizes(past_k)[1]
@@ -148,6 +151,8 @@ class OrtGroupQueryAttention(torch.autograd.Function):
             attrs.update(do_rotary_i=1, rotary_interleaved_i=0)
         if window is not None:
             attrs["local_window_size_i"] = window
+        if softcap is not None:
+            attrs["softcap_f"] = softcap
         out, pk, pv = g.op("com.microsoft::GroupQueryAttention", *inputs, outputs=3, **attrs)
         out.setType(q.type())
         pk.setType(past_k.type())
@@ -157,14 +162,17 @@ class OrtGroupQueryAttention(torch.autograd.Function):
 
 @contextlib.contextmanager
 def fused_attention(model: Any) -> Iterator[str | None]:
-    """For the time of the block, a Llama / Mistral / Qwen2 / Qwen3 :class:`KVLlama` exports its attention (cache
-    write + grouped-query attention, and RoPE when :func:`rope_tables` holds the tables) as ONNX Runtime's
-    ``GroupQueryAttention``, under :func:`gqa_slots`'s contract on padding. Yields None when it applies, else
-    why not (the model keeps the plain ops)."""
+    """For the time of the block, a :class:`KVLlama` whose attention is Llama's (Llama, Mistral, Qwen2, Qwen3,
+    Gemma 3 text, Grok-1) exports it (cache write + grouped-query attention with its window and soft cap, and RoPE
+    when :func:`rope_tables` holds the tables) as ONNX Runtime's ``GroupQueryAttention``, under
+    :func:`gqa_slots`'s contract on padding. Yields None when it applies, else why not (the model keeps the plain
+    ops): GPT-2 and Llama 4 (chunked attention) have attention of their own, SwiftKV's later layers read caches
+    another layer wrote."""
     cls = type(model)
     why = None
-    if not isinstance(model, KVLlama) or cls.kv_family != "llama" or cls.kv_attention is not KVLlama.kv_attention \
-            or cls.kv_context is not KVLlama.kv_context or cls.kv_softcap is not KVLlama.kv_softcap:
+    kinds = {model.kv_layer_type(i) for i in range(model.kv_num_layers())} if isinstance(model, KVLlama) else set()
+    if not isinstance(model, KVLlama) or cls.kv_family == "llama_swiftkv" or cls.kv_qkv is not KVLlama.kv_qkv \
+            or cls.kv_attention is not KVLlama.kv_attention or not kinds <= {"full_attention", "sliding_attention"}:
         why = f"the {getattr(cls, 'kv_family', cls.__name__)} family keeps its own attention ops"
     elif model.kv_backbone().embed_tokens.weight.dtype not in (torch.float32, torch.float16):
         why = "ONNX Runtime's GroupQueryAttention runs float32 and float16 only"
@@ -238,8 +246,6 @@ class KVLlama(KVCausalLM):
             # -1 reads row 0: its values are never seen, module doc of kv_cache); "rope" stays for code that reads
             # it directly (SwiftKV), else the exporter drops its nodes
             ctx["rope_table"] = (position_ids.clamp(min=0), *(getattr(self, n) for n in ROPE_TABLES))
-        if self.__dict__.get(FUSED):
-            ctx["gqa"] = gqa_slots(position_ids, ctx_len)
         return ctx
 
     def kv_embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -272,7 +278,7 @@ class KVLlama(KVCausalLM):
 
     def kv_attention(self, i: int, attn: Any, x: torch.Tensor, ctx: dict[str, Any], past_k: torch.Tensor,
                      past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if "gqa" in ctx:
+        if self.__dict__.get(FUSED):
             return self.kv_fused_attention(i, attn, x, ctx, past_k, past_v)
         q, k, v = self.kv_qkv(attn, x)
         q, k = self.kv_rope(i, q, k, ctx)
@@ -300,10 +306,14 @@ class KVLlama(KVCausalLM):
             q, k, v = (t.transpose(1, 2).reshape(b, s, -1) for t in (q, k, v))
         sliding = self.kv_layer_type(i) == "sliding_attention"
         window = getattr(self.config, "sliding_window", None) if sliding else None  # type: ignore[attr-defined]
+        if "gqa" not in ctx:  # once per forward (every family's context has the position ids)
+            ctx["gqa"] = gqa_slots(ctx["position_ids"], past_k.shape[2])
         seqlens, total = ctx["gqa"]
         heads = int(self.config.num_attention_heads)  # type: ignore[attr-defined]
+        softcap = self.kv_softcap(attn)
         out, past_k, past_v = OrtGroupQueryAttention.apply(q, k, v, past_k, past_v, seqlens, total, *tables, heads,
-                                                           float(attn.scaling), window)
+                                                           float(attn.scaling), window,
+                                                           None if softcap is None else float(softcap))
         return attn.o_proj(out), past_k, past_v
 
     def kv_softcap(self, attn: Any) -> float | None:
