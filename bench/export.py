@@ -6,7 +6,8 @@ For each model size, each measurement in a fresh process (a fresh cache too):
   per-stage seconds from its events, the per-stage ``peak_rss_bytes`` / ``start_rss_bytes`` and the export's
   ``weight_bytes`` from its records, and the whole process's peak RSS (``wait4`` rusage, seen by the parent).
 * bare: the exact module qbuild exports (the weights of the load entry that build made, loaded and rewritten by
-  qbuild's own ``load_model`` + ``apply_transforms``, wrapped with the same example inputs), then one
+  qbuild's own ``load_model`` + ``apply_transforms``, in the graph form an onnxruntime build exports, fused
+  attention included, wrapped with the same example inputs), then one
   ``torch.onnx.export`` with qbuild's arguments (names, dynamic axes, opset, constant folding) and nothing
   else: no ONNX rewrite, no checker, no external-data gathering. Its seconds count the weights' load too,
   as qbuild's export stage does.
@@ -114,7 +115,7 @@ def _bare_child(model_dir: str, out: str) -> None:
 
     from qbuild.models.source import load_model
     from qbuild.tasks.export_common import quiet
-    from qbuild.tasks.kv_causal_lm import _axes, _wrapper, example_inputs, io_names
+    from qbuild.tasks.kv_causal_lm import _axes, _wrapper, example_inputs, graph_form, io_names
     from qbuild.transforms import apply_transforms
 
     t0 = time.monotonic()
@@ -122,7 +123,7 @@ def _bare_child(model_dir: str, out: str) -> None:
     apply_transforms(model, ("kv_cache",))
     t1 = time.monotonic()
     names = io_names(model.kv_num_layers())
-    with quiet():
+    with quiet(), graph_form(model, "fused", None):
         wrapper, args = _wrapper(model, model.kv_num_layers()), example_inputs(model)
         torch.onnx.export(wrapper, args, str(Path(out) / "model.onnx"), input_names=names[0],
                           output_names=names[1], dynamic_axes=_axes(*names), opset_version=17,
