@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -204,3 +205,27 @@ def test_forced_logits_equal_hf_logits_on_the_same_history(tmp_path: Path) -> No
     assert np.array_equal(moved[0], forced[0]) and not np.allclose(moved[1:], forced[1:], atol=1e-3)
     with pytest.raises(RunError, match="seq.ctx_len"):
         rt.forced_logits(prompt, [1] * 60)
+
+
+def test_fixed_shape_sessions_stop_spinning_at_the_end_of_each_run(tmp_path: Path) -> None:
+    """Fixed mode runs several sessions in turn: each one's threads stop spinning when its run ends, so that the
+    next session (a prefill after a decode) gets the cores; the one session of dynamic mode keeps ONNX Runtime's
+    default."""
+    from qbuild.runtime.generate import KVRuntime
+
+    entry = "session.force_spinning_stop"
+    for mode, expected in (("fixed", "1"), ("dynamic", None)):
+        result = build(KV, ["seq.lengths=[4,8]", "seq.ctx_len=128", "verify.enabled=false",
+                            f"compile.onnxruntime.session={mode}"], cache_dir=tmp_path)
+        rt = KVRuntime(Path(result.artifacts["compiled"]), ctx_len=128, buckets=[4, 8])
+        rt.generate([list(range(3, 9))], 3, None)  # a prefill of 8 and decode steps
+        opened = list(rt.sessions._open.values())
+        assert len(opened) == (2 if mode == "fixed" else 1)
+        def value(session: Any) -> str | None:
+            try:
+                return session.get_session_options().get_session_config_entry(entry)
+            except RuntimeError:  # not set
+                return None
+
+        options = [value(s) for s in opened]
+        assert options == [expected] * len(opened), (mode, options)
