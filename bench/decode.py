@@ -107,7 +107,8 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
         tok_s.append((a.new_tokens - 1) / g.decode_s)
         tokens = g.tokens[0]
     return {"tok_s": tok_s, "size_mb": size / 1e6, "build_s": build_s, "tokens": tokens, "threads": threads,
-            "weights": weight_bytes(compiled), "runtime": rt}
+            "weights": weight_bytes(compiled), "runtime": rt, "session_mode": rt.sessions.mode,
+            "kv_attention": "group_query" if rt.in_place else "plain"}
 
 
 def logit_fidelity(reference: Any, other: Any) -> dict[str, float]:
@@ -239,6 +240,8 @@ def main() -> None:
               f"(first divergence {g['first_divergence']}), overall {g['overall']:.0%}; teacher-forced top-1 "
               f"{f['top1_agreement']:.0%}, logit RMSE {f['relative_logit_rmse']:.4f} of the {base_q} logits' spread, "
               f"{base_q} top-2 margin median {f['ref_margin_median']:.4f} (min {f['ref_margin_min']:.5f})")
+    print("graph forms: " + ", ".join(f"{q} {r['kv_attention']} attention, {r['session_mode']} sessions"
+                                      for q, r in runs.items()))
     print(f"greedy tokens equal HF ({base_q}): {base['tokens'] == hf['tokens']}; load average now {os.getloadavg()}")
     base_lim = limits[base_q]
     print(json.dumps({
@@ -258,6 +261,7 @@ def main() -> None:
                           "read_mb_per_token": round(limits[q]["bytes_per_token"] / 1e6, 2),
                           "achieved_gb_s": round(limits[q]["achieved_gb_s"], 2),
                           "fraction_of_limit": round(limits[q]["fraction"], 3),
+                          "session_mode": r["session_mode"], "kv_attention": r["kv_attention"],
                           "limit_underestimated": limits[q]["limit_underestimated"],
                           "fits_in_l3": limits[q]["fits_in_l3"],
                           **({"agreement": {k: (round(v, 3) if isinstance(v, float) else v)

@@ -86,6 +86,16 @@ def test_a_mixed_batch_gives_peft_tokens_per_row(built: dict[str, Any]) -> None:
     assert plain.tokens == built["report"]["tokens"]["base"]  # no name: the base model
 
 
+def test_a_mixed_batch_prefilled_row_by_row_gives_peft_tokens(built: dict[str, Any]) -> None:
+    """Chunks of 4 tokens: a batch whose prompts need several chunks is prefilled one row at a time (fused
+    attention, qbuild.runtime.generate), each row with its own adapter id; the tokens are still peft's."""
+    rows = [(PROMPTS[1], "code"), (PROMPTS[0], "base"), (PROMPTS[1], "math")]
+    got = run(MANIFEST, ["seq.lengths=[4]", *FAST[1:]], prompts=[p for p, _ in rows],
+              adapters=[a for _, a in rows], max_new_tokens=8, cache_dir=built["cache"])
+    assert got.stats["prefill_chunks"] >= 3 and got.stats["lora_ids"] == [3, 0, 1]
+    assert got.tokens == peft_tokens(Path(built["result"].model_dir), built["adapters"], rows, 8)
+
+
 def test_cli_run_adapter_streams_and_unknown_names_list_the_known(built: dict[str, Any]) -> None:
     proc = run_qbuild("run", str(MANIFEST), *FAST, "--prompt", PROMPTS[0], "--adapter", "code",
                       "--max-new-tokens", "10", "--json", cache=built["cache"], check=True)

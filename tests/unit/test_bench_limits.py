@@ -109,5 +109,8 @@ def test_quick_bench_ends_with_bounded_limit(bench: str) -> None:
             assert 0 < q["fraction_of_limit"] <= 1
         assert {"prefix", "overall"} <= set(last["quantized"]["int8"]["agreement"])
         assert last["fraction_of_ort_gemv"] > 0 and "int8_block" in last["quantized"]
+        # the default build of the bench's Llama: GroupQueryAttention (compile.onnxruntime.attention=auto)
+        assert {q["kv_attention"] for q in last["quantized"].values()} == {"group_query"}
+        assert {q["session_mode"] for q in last["quantized"].values()} <= {"fixed", "dynamic"}
     else:
         assert last["gemm_peak_gflop_s"] > 0 and last["limit_per_s"] >= last["qbuild_per_s"]
