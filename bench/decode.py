@@ -10,7 +10,9 @@ bandwidth is the best of several read kernels (numpy, BLAS, ONNX Runtime) measur
 session's thread count (bench/_machine.py). The fraction reached is never printed above 100 %: if qbuild
 beats the measured bandwidth, the measurement was not a limit, the bench says so and uses qbuild's own
 achieved bandwidth as the limit's lower bound. The quantised builds' greedy tokens are compared with fp32's
-over the generated tokens. Ends with one JSON line (DESIGN rule 15).
+over the generated tokens. Since this machine's bandwidth moves within minutes, the first build's limit is also
+measured right after each of its repeats, and the fraction paired with it is printed (min / median). Ends with
+one JSON line (DESIGN rule 15).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def kv_bytes(a: argparse.Namespace) -> int:
     return 2 * a.layers * a.kv_heads * CTX * (a.hidden // a.heads) * 4
 
 
-def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[int]) -> dict[str, Any]:
+def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[int],
+                paired: bool = False) -> dict[str, Any]:
     from qbuild.api import build
     from qbuild.runtime.generate import KVRuntime
 
@@ -101,13 +104,15 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
     rt.generate([prompt], 8, None)  # warm-up (opens the sessions it runs)
     session = rt.session or next(iter(rt._bindings.values()))[0]
     threads = session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
-    tok_s, tokens = [], None
+    tok_s, tokens, limits = [], None, []
     for _ in range(a.repeat):
         g = rt.generate([prompt], a.new_tokens, None)
         tok_s.append((a.new_tokens - 1) / g.decode_s)
         tokens = g.tokens[0]
+        if paired:  # this machine's bandwidth moves by 40 % within minutes: a limit from the same minute
+            limits.append(read_bandwidth(threads, a.bandwidth_seconds / 2)["gb_s"])
     return {"tok_s": tok_s, "size_mb": size / 1e6, "build_s": build_s, "tokens": tokens, "threads": threads,
-            "weights": weight_bytes(compiled), "runtime": rt, "session_mode": rt.sessions.mode,
+            "weights": weight_bytes(compiled), "runtime": rt, "session_mode": rt.sessions.mode, "paired_limits": limits,
             "kv_attention": "group_query" if rt.in_place else "plain"}
 
 
@@ -190,7 +195,7 @@ def main() -> None:
     bw = [read_bandwidth(a.threads, a.bandwidth_seconds)]  # before and after the runs: load changes
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
-        runs = {q: qbuild_runs(a, cache, q, prompt) for q in quants}
+        runs = {q: qbuild_runs(a, cache, q, prompt, paired=i == 0) for i, q in enumerate(quants)}
         hf = hf_runs(a, cache, prompt)
     threads = {r["threads"] for r in runs.values()}
     if threads != {bw[0]["threads"]}:  # the limit must use the session's own thread count
@@ -229,6 +234,12 @@ def main() -> None:
         if lim["limit_underestimated"]:
             print(f"  NOTE: qbuild {q} read {lim['achieved_gb_s']:.1f} GB/s, more than the measured "
                   f"{best_bw:.1f} GB/s: that measurement was not a limit; using qbuild's own figure as its lower bound")
+    paired = [bounded_fraction(t * limits[base_q]["bytes_per_token"] / 1e9, lim)["fraction"]
+              for t, lim in zip(base["tok_s"], base["paired_limits"], strict=True)]
+    if paired:
+        print(f"qbuild {base_q}: fraction of the limit measured right after each repeat: "
+              + ", ".join(f"{f:.0%} ({lim:.1f} GB/s)" for f, lim in zip(paired, base["paired_limits"], strict=True))
+              + f"; min {min(paired):.0%}, median {statistics.median(paired):.0%}")
     ort_gemv = kernels.get("ort_matmul_vec", 0.0)
     if ort_gemv:  # the kernel every ORT decode's MatMuls run: what the graph, not MLAS, can still win
         print(f"qbuild fp32 ({base_q}) reads {limits[base_q]['achieved_gb_s']:.1f} GB/s = "
@@ -254,6 +265,8 @@ def main() -> None:
         "bytes_per_token_mb": round(base_lim["bytes_per_token"] / 1e6, 2),
         "limit_tok_s": round(base_lim["limit_tok_s"], 2), "fraction_of_limit": round(base_lim["fraction"], 3),
         "limit_underestimated": base_lim["limit_underestimated"], "fraction_goal": 0.85,
+        "paired_fraction": {"min": round(min(paired), 3), "median": round(statistics.median(paired), 3),
+                            "limits_gb_s": base["paired_limits"]} if paired else None,
         "fraction_of_ort_gemv": round(base_lim["achieved_gb_s"] / ort_gemv, 3) if ort_gemv else None,
         "tokens_match_hf": base["tokens"] == hf["tokens"],
         "quantized": {q: {"tok_s": {k: round(v, 2) for k, v in summary(r["tok_s"]).items()},

@@ -112,5 +112,7 @@ def test_quick_bench_ends_with_bounded_limit(bench: str) -> None:
         # the default build of the bench's Llama: GroupQueryAttention (compile.onnxruntime.attention=auto)
         assert {q["kv_attention"] for q in last["quantized"].values()} == {"group_query"}
         assert {q["session_mode"] for q in last["quantized"].values()} <= {"fixed", "dynamic"}
+        paired = last["paired_fraction"]  # the limit measured right after each fp32 repeat
+        assert 0 < paired["min"] <= paired["median"] <= 1 and len(paired["limits_gb_s"]) >= 3
     else:
         assert last["gemm_peak_gflop_s"] > 0 and last["limit_per_s"] >= last["qbuild_per_s"]
