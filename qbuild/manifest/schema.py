@@ -157,7 +157,7 @@ class OnnxRuntimeSpec:
     attention: str = _f("auto", choices=["auto", "plain"],
                         help="KV causal LMs: auto exports each layer's cache write and attention as one ONNX Runtime "
                              "GroupQueryAttention where the family allows (Llama, Mistral, Qwen2, Qwen3, Gemma 3, "
-                             "Grok-1; legacy exporter); plain keeps the standard ops")
+                             "Grok-1, GPT-2; legacy exporter); plain keeps the standard ops")
 
 
 @dataclass(frozen=True)

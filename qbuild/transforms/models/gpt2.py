@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qbuild.transforms.kv_cache import attend, causal_mask
-from qbuild.transforms.models.llama import KVLlama
+from qbuild.transforms.models.llama import FUSED, KVLlama
 
 
 class KVGPT2(KVLlama):
@@ -51,11 +51,14 @@ class KVGPT2(KVLlama):
         b, s, hidden = x.shape
         heads, d = self.kv_cache_shape()
         q, k, v = attn.c_attn(x).split(hidden, dim=2)  # [B,S,H] each
-        q, k, v = (t.view(b, s, heads, d).transpose(1, 2) for t in (q, k, v))  # [B,heads,S,D]
-        past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,heads,C,D] each
         scaling = d**-0.5 if attn.scale_attn_weights else 1.0
         if attn.scale_attn_by_inverse_layer_idx:
             scaling /= float(i + 1)
+        if self.__dict__.get(FUSED):  # GroupQueryAttention with kv heads = heads, no RoPE
+            out, past_k, past_v = self.kv_gqa(ctx, q, k, v, past_k, past_v, (None, None), scaling)
+            return attn.c_proj(out), past_k, past_v
+        q, k, v = (t.view(b, s, heads, d).transpose(1, 2) for t in (q, k, v))  # [B,heads,S,D]
+        past_k, past_v, k_all, v_all = self.kv_update(ctx, past_k, past_v, k, v)  # [B,heads,C,D] each
         out = attend(q, k_all, v_all, ctx["masks"]["full_attention"], scaling, softmax_fp32=False)
         return attn.c_proj(out), past_k, past_v
 

@@ -133,17 +133,15 @@ class OrtGroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,  # noqa: ANN401
                 past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, cos: torch.Tensor | None,
-                sin: torch.Tensor | None, heads: int, scale: float, window: int | None,
+                sin: torch.Tensor | None, heads: int, kv_heads: int, scale: float, window: int | None,
                 softcap: float | None = None) -> tuple[torch.Tensor, ...]:
         return gqa_reference(q, k, v, past_k, past_v, seqlens_k, scale, window, None if cos is None else (cos, sin),
                              softcap)
 
     @staticmethod
     def symbolic(g: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, seqlens_k: Any, total: Any,
-                 cos: Any, sin: Any, heads: int, scale: float, window: int | None, softcap: float | None = None) -> Any:
-        from torch.onnx.symbolic_helper import _get_tensor_sizes
-
-        kv_heads = _get_tensor_sizes(past_k)[1]
+                 cos: Any, sin: Any, heads: int, kv_heads: int, scale: float, window: int | None,
+                 softcap: float | None = None) -> Any:
         attrs: dict[str, Any] = {"num_heads_i": heads, "kv_num_heads_i": kv_heads, "scale_f": scale}
         inputs = [q, k, v, past_k, past_v, seqlens_k, total]
         if cos is not None and not (hasattr(cos, "node") and cos.node().mustBeNone()):
@@ -162,19 +160,19 @@ class OrtGroupQueryAttention(torch.autograd.Function):
 
 @contextlib.contextmanager
 def fused_attention(model: Any) -> Iterator[str | None]:
-    """For the time of the block, a :class:`KVLlama` whose attention is Llama's (Llama, Mistral, Qwen2, Qwen3,
-    Gemma 3 text, Grok-1) exports it (cache write + grouped-query attention with its window and soft cap, and RoPE
-    when :func:`rope_tables` holds the tables) as ONNX Runtime's ``GroupQueryAttention``, under
-    :func:`gqa_slots`'s contract on padding. Yields None when it applies, else why not (the model keeps the plain
-    ops): GPT-2 and Llama 4 (chunked attention) have attention of their own, SwiftKV's later layers read caches
-    another layer wrote."""
+    """For the time of the block, a :class:`KVLlama` whose family allows it (``kv_fusable``: Llama, Mistral, Qwen2,
+    Qwen3, Gemma 3 text, Grok-1, GPT-2) exports its attention (cache write + grouped-query attention with its
+    window and soft cap, and RoPE when :func:`rope_tables` holds the tables) as ONNX Runtime's
+    ``GroupQueryAttention``, under :func:`gqa_slots`'s contract on padding. Yields None when it applies, else
+    why not (the model keeps the plain ops): Llama 4 (chunked attention) and SwiftKV (its later layers read
+    caches another layer wrote) say ``kv_fusable = False``; GPT-2 (no RoPE, kv heads = heads) handles it in its
+    own attention."""
     cls = type(model)
     why = None
     kinds = {model.kv_layer_type(i) for i in range(model.kv_num_layers())} if isinstance(model, KVLlama) else set()
-    if not isinstance(model, KVLlama) or cls.kv_family == "llama_swiftkv" or cls.kv_qkv is not KVLlama.kv_qkv \
-            or cls.kv_attention is not KVLlama.kv_attention or not kinds <= {"full_attention", "sliding_attention"}:
+    if not getattr(cls, "kv_fusable", False) or not kinds <= {"full_attention", "sliding_attention"}:
         why = f"the {getattr(cls, 'kv_family', cls.__name__)} family keeps its own attention ops"
-    elif model.kv_backbone().embed_tokens.weight.dtype not in (torch.float32, torch.float16):
+    elif next(model.parameters()).dtype not in (torch.float32, torch.float16):
         why = "ONNX Runtime's GroupQueryAttention runs float32 and float16 only"
     if why:
         yield why
@@ -202,6 +200,9 @@ class KVLlama(KVCausalLM):
     """Llama / Mistral / Qwen2 / Qwen3 causal LM with a static KV cache."""
 
     kv_family = "llama"
+    #: the attention may export as GroupQueryAttention (:func:`fused_attention`); a family whose attention differs
+    #: in a way the kernel cannot express sets it False
+    kv_fusable = True
 
     # ----------------------------------------------------------------------------- structure
     def kv_backbone(self) -> Any:
@@ -306,15 +307,20 @@ class KVLlama(KVCausalLM):
             q, k, v = (t.transpose(1, 2).reshape(b, s, -1) for t in (q, k, v))
         sliding = self.kv_layer_type(i) == "sliding_attention"
         window = getattr(self.config, "sliding_window", None) if sliding else None  # type: ignore[attr-defined]
-        if "gqa" not in ctx:  # once per forward (every family's context has the position ids)
-            ctx["gqa"] = gqa_slots(ctx["position_ids"], past_k.shape[2])
-        seqlens, total = ctx["gqa"]
-        heads = int(self.config.num_attention_heads)  # type: ignore[attr-defined]
         softcap = self.kv_softcap(attn)
-        out, past_k, past_v = OrtGroupQueryAttention.apply(q, k, v, past_k, past_v, seqlens, total, *tables, heads,
-                                                           float(attn.scaling), window,
-                                                           None if softcap is None else float(softcap))
+        out, past_k, past_v = self.kv_gqa(ctx, q, k, v, past_k, past_v, tables, float(attn.scaling), window,
+                                          None if softcap is None else float(softcap))
         return attn.o_proj(out), past_k, past_v
+
+    def kv_gqa(self, ctx: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+               past_v: torch.Tensor, tables: tuple[Any, Any], scale: float, window: int | None = None,
+               softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:class:`OrtGroupQueryAttention` of ``q, k, v [B,S,H*D]`` over the caches (slots once per forward)."""
+        if "gqa" not in ctx:  # every family's context has the position ids
+            ctx["gqa"] = gqa_slots(ctx["position_ids"], past_k.shape[2])
+        heads = int(self.config.num_attention_heads)  # type: ignore[attr-defined]
+        return OrtGroupQueryAttention.apply(q, k, v, past_k, past_v, *ctx["gqa"], *tables, heads,
+                                            self.kv_cache_shape()[0], scale, window, softcap)
 
     def kv_softcap(self, attn: Any) -> float | None:
         return None

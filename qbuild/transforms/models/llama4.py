@@ -34,6 +34,7 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 class KVLlama4(KVLlama):
     kv_family = "llama4"
+    kv_fusable = False  # chunked attention: GroupQueryAttention has no chunk mask
 
     def kv_layer_type(self, i: int) -> str:
         return self.config.layer_types[i]  # type: ignore[attr-defined]

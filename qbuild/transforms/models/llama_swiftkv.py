@@ -34,6 +34,7 @@ def rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 class KVLlamaSwiftKV(KVLlama):
     kv_family = "llama_swiftkv"
+    kv_fusable = False  # later layers read caches another layer wrote
 
     def kv_layer_type(self, i: int) -> str:
         return "full_attention"
