@@ -14,10 +14,10 @@ A build compiled by qaic exports QEfficient's graph form (``graph: qaic``, keyed
 cache is written and read through ``com.qualcomm.cloud::CtxScatter`` / ``CtxGather`` and every RMSNorm
 is ``com.qti.aisw.onnx::CustomRMSNorm``, all ONNX functions with standard-op bodies (qbuild.transforms.
 custom_ops), and a bfloat16 model is exported in float32 on ai100. The onnxruntime build keeps the model's
-own norms and, with ``compile.onnxruntime.attention=auto`` (the default), exports a Llama-family model's cache
-write and attention as ONNX Runtime's ``GroupQueryAttention`` (``graph: fused``; the caches written in place, under
-the padding contract of qbuild.transforms.models.llama.gqa_slots); otherwise the plain form (``ScatterElements``
-and masked MatMul attention).
+own norms and, with ``compile.onnxruntime.attention=auto`` (the default), exports the cache write and attention
+of every family but Llama 4 and SwiftKV as ONNX Runtime's ``GroupQueryAttention`` (``graph: fused``; the caches
+written in place, under the padding contract of qbuild.transforms.models.llama.gqa_slots); otherwise the plain
+form (``ScatterElements`` and masked MatMul attention).
 
 Beside the graph, export saves ``tokenizer/``: the ``tokenizers`` pipeline transformers builds for the model's
 tokenizer, with the EOS ids of its generation config, so that ``qbuild run`` tokenises exactly as transformers
