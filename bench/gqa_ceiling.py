@@ -160,12 +160,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="prompts decoded together (9..32 tokens); above 1 the hand-built batch-1 graph is left out")
     ap.add_argument("--quick", action="store_true", help="bench/decode.py's 2-layer model, 3 rounds")
     args = ap.parse_args()
     a = argparse.Namespace(**(D.QUICK if args.quick else D.DEFAULTS), threads=args.threads)
     a.new_tokens = args.new_tokens or a.new_tokens
     rounds = 3 if args.quick else args.rounds
-    prompt = np.random.RandomState(0).randint(3, a.vocab, D.PROMPT).tolist()
+    rng = np.random.RandomState(0)
+    prompt = rng.randint(3, a.vocab, D.PROMPT).tolist()
+    batch = [prompt, *(rng.randint(3, a.vocab, rng.randint(9, D.PROMPT + 1)).tolist() for _ in range(args.batch - 1))]
 
     from qbuild.api import build
     from qbuild.runtime.generate import KVRuntime
@@ -173,8 +177,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest, runtimes = D.ROOT / "manifests" / "tiny-llama-kv.yaml", {}
         for form in ("plain", "auto"):  # qbuild's two ONNX Runtime forms of the same model (one load, two exports)
-            result = build(manifest, [*D._overrides(a, "none"), f"compile.onnxruntime.attention={form}"],
-                           cache_dir=Path(tmp))
+            result = build(manifest, [*D._overrides(a, "none"), f"compile.onnxruntime.attention={form}",
+                                      f"seq.batch_size={args.batch}"], cache_dir=Path(tmp))
             runtimes[form] = KVRuntime(Path(result.artifacts["compiled"]), ctx_len=D.CTX, buckets=[D.PROMPT],
                                        num_threads=a.threads)
         if not runtimes["auto"].in_place:
@@ -188,23 +192,26 @@ def main() -> None:
         if max(diffs.values()) > 1e-3:
             raise SystemExit(f"the graphs do not compute the same model: max abs logit difference to qbuild's plain "
                              f"graph, of the logits' spread: {diffs}")
-        for rt in runtimes.values():
-            rt.generate([prompt], 8, None)
+        tokens = {form: rt.generate(batch, 8, None).tokens for form, rt in runtimes.items()}
+        if tokens["plain"] != tokens["auto"]:
+            raise SystemExit(f"the fused and plain builds generate different tokens: {tokens}")
         gqa.generate(prompt, 8)
-        rates: dict[str, list[float]] = {"plain": [], "fused": [], "hand": []}
+        rates: dict[str, list[float]] = {"plain": [], "fused": [], **({"hand": []} if args.batch == 1 else {})}
         for _ in range(rounds):
             for name, rt in (("plain", runtimes["plain"]), ("fused", runtimes["auto"])):
-                g = rt.generate([prompt], a.new_tokens, None)
-                rates[name].append((a.new_tokens - 1) / g.decode_s)
-            _, seconds = gqa.generate(prompt, a.new_tokens)
-            rates["hand"].append((a.new_tokens - 1) / seconds)
+                g = rt.generate(batch, a.new_tokens, None)  # no EOS: every row decodes every step
+                rates[name].append(len(batch) * (a.new_tokens - 1) / g.decode_s)
+            if "hand" in rates:
+                _, seconds = gqa.generate(prompt, a.new_tokens)
+                rates["hand"].append((a.new_tokens - 1) / seconds)
         nodes = {form: len(onnx.load(str(rt.sessions.artifact_dir / "model.onnx"), load_external_data=False).graph.node)
                  for form, rt in runtimes.items()}
     s = {k: summary(v) for k, v in rates.items()}
     facts = machine_facts()
     print(format_facts(facts))
-    print(f"model: bench/decode.py's random Llama, {a.layers} layers, hidden {a.hidden}; prompt {D.PROMPT}, "
-          f"{a.new_tokens} new tokens, {rounds} interleaved rounds, threads {a.threads}")
+    print(f"model: bench/decode.py's random Llama, {a.layers} layers, hidden {a.hidden}; batch {args.batch} (prompts "
+          f"of {[len(p) for p in batch]} tokens), {a.new_tokens} new tokens, {rounds} interleaved rounds, threads "
+          f"{a.threads}; tok/s counts every row's tokens; the fused and plain builds' tokens are equal")
     print(f"nodes a step: qbuild plain {nodes['plain']}, qbuild fused {nodes['auto']}, hand-built {dims['nodes']}; "
           f"logits equal qbuild plain's to {diffs['fused']:.1e} (fused) and {diffs['hand']:.1e} (hand-built) of "
           f"their spread")
@@ -212,20 +219,29 @@ def main() -> None:
     labels = {"plain": "qbuild fp32, attention=plain", "fused": "qbuild fp32, attention=auto (GroupQueryAttn)",
               "hand": "hand-built GroupQueryAttention graph"}
     for k, label in labels.items():
-        print(f"{label:<44}{s[k]['min']:>10.1f}{s[k]['median']:>9.1f}{s[k]['max']:>9.1f}")
+        if k in s:
+            print(f"{label:<44}{s[k]['min']:>10.1f}{s[k]['median']:>9.1f}{s[k]['max']:>9.1f}")
     gain = [f / p for f, p in zip(rates["fused"], rates["plain"], strict=True)]  # per round: same minute
-    left = [h / f for h, f in zip(rates["hand"], rates["fused"], strict=True)]
-    print(f"fused / plain per round: min {min(gain):.2f}x, median {statistics.median(gain):.2f}x; "
-          f"hand-built / fused: median {statistics.median(left):.2f}x (what is left)")
-    print(json.dumps({"bench": "gqa_ceiling", "quick": args.quick, "rounds": rounds,
+    left = [h / f for h, f in zip(rates.get("hand", []), rates["fused"], strict=False)] or [0.0]
+    print(f"fused / plain per round: min {min(gain):.2f}x, median {statistics.median(gain):.2f}x"
+          + (f"; hand-built / fused: median {statistics.median(left):.2f}x (what is left)" if "hand" in rates else ""))
+    has_hand = "hand" in s
+
+    def hand(value: float) -> float | None:
+        return round(value, 3) if has_hand else None
+
+    print(json.dumps({"bench": "gqa_ceiling", "quick": args.quick, "rounds": rounds, "batch": args.batch,
                       "plain_tok_s": round(s["plain"]["median"], 2), "plain_tok_s_min": round(s["plain"]["min"], 2),
                       "fused_tok_s": round(s["fused"]["median"], 2), "fused_tok_s_min": round(s["fused"]["min"], 2),
-                      "gqa_tok_s": round(s["hand"]["median"], 2), "gqa_tok_s_min": round(s["hand"]["min"], 2),
+                      "gqa_tok_s": hand(s["hand"]["median"]) if has_hand else None,
+                      "gqa_tok_s_min": hand(s["hand"]["min"]) if has_hand else None,
                       "fused_over_plain": round(statistics.median(gain), 3),
-                      "fused_over_plain_min": round(min(gain), 3), "hand_over_fused": round(statistics.median(left), 3),
+                      "fused_over_plain_min": round(min(gain), 3),
+                      "hand_over_fused": hand(statistics.median(left)),
                       "nodes": {"plain": nodes["plain"], "fused": nodes["auto"], "hand": dims["nodes"]},
                       "gqa_nodes": dims["nodes"], "logit_diff_of_spread": diffs["hand"],
                       "fused_logit_diff_of_spread": diffs["fused"], "machine": facts}))
+
 
 if __name__ == "__main__":
     main()
