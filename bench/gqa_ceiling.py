@@ -3,13 +3,15 @@
 cache write in place and grouped-query attention in one node a layer), and the same weights in a hand-built ONNX
 decode graph of that op (its other ops fused by hand too: the ceiling of this approach).
 
-Usage: python bench/gqa_ceiling.py [--rounds 7] [--new-tokens 128] [--quick]
+Usage: python bench/gqa_ceiling.py [--rounds 7] [--new-tokens 128] [--batch 1] [--quick]
 The model is bench/decode.py's ~100M random Llama (``--quick``: its 2-layer one), built by qbuild; the hand-built
 graph reads the load stage's safetensors. All three decode one token a step, batch 1, interleaved round by round
 (this machine's speed drifts by 20 % within minutes); the gain is taken per round (fused / plain of the same
-minute). The fused and hand-built graphs are checked against qbuild's plain one first: the same prompt fed one
-token a step (teacher forcing, from an empty cache) must give the same logits (max abs difference printed; it
-must stay below 1e-3 of the logits' spread) before any timing counts. Ends with one JSON line.
+minute). ``--batch N``: qbuild's two builds decode N prompts together (their tokens must be equal; tok/s counts
+every row), and the hand-built graph, batch 1 only, is checked but not timed. The fused and hand-built graphs
+are checked against qbuild's plain one first: the same prompt fed one token a step (teacher forcing, from an
+empty cache) must give the same logits (max abs difference printed; it must stay below 1e-3 of the logits'
+spread) before any timing counts. Ends with one JSON line.
 """
 
 from __future__ import annotations
