@@ -7,8 +7,9 @@
     verify.json         the verify stage's report, when verify ran
     provenance.json     what the files were built from (below), with every file's size and sha256
 
-Files are hard links into the cache where the filesystem allows (entries are read-only, so a link cannot
-be edited through), copies otherwise. ``provenance.json`` holds the resolved manifest, every stage's key
+Files are copies of the cache's (reflinks, sharing the blocks, where the filesystem can), never hard links:
+onnx refuses external data with several links, which would make both the bundle and the cache entry
+unloadable with ``onnx.load``. ``provenance.json`` holds the resolved manifest, every stage's key
 and identity (keyed params, input digests, upstream keys, tool versions, recipe code digests), the
 compiler's exact command, per-stage seconds and peak RSS, host facts and qbuild's version, and a
 ``seal``: the sha256 of the rest of the file. ``qbuild verify-bundle DIR`` re-reads every file.
@@ -61,13 +62,24 @@ def host_facts() -> dict[str, Any]:
             "os": platform.platform(), "python": platform.python_version()}
 
 
+#: Linux's FICLONE ioctl: ``dest`` shares ``src``'s blocks, copy-on-write (btrfs, XFS, bcachefs, ...)
+_FICLONE = 0x40049409
+
+
 def _place(src: Path, dest: Path) -> str:
-    """Hard-link ``src`` to ``dest`` (copy across filesystems); which one it was."""
+    """Copy ``src`` to ``dest`` (a reflink where the filesystem can: no bytes copied); which one it was.
+
+    Never a hard link: onnx (1.23) refuses to load external data from a file with more than one link ("a
+    potential hardlink attack"), so a linked bundle, and the cache entry it linked, could not be ``onnx.load``-ed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dest)
-        return "link"
-    except OSError:
+        import fcntl
+
+        with open(src, "rb") as s, open(dest, "wb") as d:
+            fcntl.ioctl(d.fileno(), _FICLONE, s.fileno())
+        shutil.copystat(src, dest)
+        return "reflink"
+    except (OSError, ImportError):
         shutil.copy2(src, dest)
         return "copy"
 
