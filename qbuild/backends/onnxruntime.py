@@ -283,7 +283,7 @@ class OrtBackend(Backend):
     def resolve(self, m: Manifest, task: Task, stats: StatCache) -> OrtOptions:
         c = m.compile.onnxruntime
         return OrtOptions(c.threads, c.graph_optimization, c.session, c.quantize, tuple(task.specializations(m)),
-                          task.name, c.quantize_min_cosine if c.quantize in ("int8", "int8_block") else None)
+                          task.name, c.quantize_min_cosine if c.quantize != "none" else None)
 
     def inexact(self, o: OrtOptions) -> str | None:
         if o.quantize == "none":

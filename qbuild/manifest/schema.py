@@ -149,7 +149,7 @@ class OnnxRuntimeSpec:
                        help="ONNX Runtime weight quantisation: int8 dynamic (per-tensor activations), int8_block "
                             "or int4 (MatMulNBits, blocks of 32)")
     quantize_min_cosine: float | None = _f(None, min=0.0, max=1.0,
-                                           help="int8 / int8_block: keep the most sensitive MatMuls in fp32 "
+                                           help="int8 / int8_block / int4: keep the most sensitive MatMuls in fp32 "
                                                 "(measured one by one) until the outputs' minimum cosine to "
                                                 "fp32 reaches this")
     session: str = _f("auto", choices=["auto", "fixed", "dynamic"],

@@ -298,12 +298,13 @@ def _check_qaic(m: Manifest) -> None:
 
 
 def _check_ort(m: Manifest) -> None:
-    """``compile.onnxruntime.quantize_min_cosine`` measures an int8 quantisation: nothing else has one."""
+    """``compile.onnxruntime.quantize_min_cosine`` measures a quantisation: without one there is nothing to measure."""
     o = m.compile.onnxruntime
-    if o.quantize_min_cosine is not None and o.quantize not in ("int8", "int8_block"):
-        raise ManifestError(f"compile.onnxruntime.quantize_min_cosine: applies to quantize=int8 or int8_block only, "
-                            f"but quantize is {o.quantize}", key="compile.onnxruntime.quantize_min_cosine",
-                            hint="set compile.onnxruntime.quantize=int8 (or int8_block), or quantize_min_cosine=null")
+    if o.quantize_min_cosine is not None and o.quantize == "none":
+        raise ManifestError("compile.onnxruntime.quantize_min_cosine: applies to a quantisation (int8, int8_block or "
+                            "int4), but quantize is none", key="compile.onnxruntime.quantize_min_cosine",
+                            hint="set compile.onnxruntime.quantize=int8, int8_block or int4, or "
+                                 "quantize_min_cosine=null")
 
 
 def _check_qnn(m: Manifest) -> None:

@@ -44,6 +44,11 @@ def test_quantised_build_runs_and_is_smaller(tmp_path: Path, mode: str, ops: set
         attrs = {(a.name, a.i) for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
                  if n.op_type == "MatMulNBits" for a in n.attribute if a.name in ("accuracy_level", "bits")}
         assert attrs == {("accuracy_level", 4), ("bits", 8 if mode == "int8_block" else 4)}
+        # int4 is asymmetric (a zero point per block, ort_quantize.SYMMETRIC), int8_block symmetric
+        zero_points = {len(n.input) > 3 and bool(n.input[3])
+                       for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
+                       if n.op_type == "MatMulNBits"}
+        assert zero_points == {mode == "int4"}
 
     def size(d: Path) -> int:
         return sum(f.stat().st_size for f in d.iterdir())
@@ -122,10 +127,13 @@ def test_block_quantiser_import_leaves_the_root_logger_alone() -> None:
     assert out.stdout.split() == ["True", str(30), "0", str(30)], out.stdout + out.stderr
 
 
-def test_min_cosine_on_a_causal_lm_keeps_the_most_sensitive_matmuls_in_fp32(tmp_path: Path) -> None:
+# floors above what the whole quantised model reaches on these random weights (int8_block 0.99986, int4 0.985)
+@pytest.mark.parametrize(("mode", "floor"), [("int8_block", 0.99999), ("int4", 0.999)])
+def test_min_cosine_on_a_causal_lm_keeps_the_most_sensitive_matmuls_in_fp32(tmp_path: Path, mode: str,
+                                                                            floor: float) -> None:
     """The KV causal LM's calibration (prompts filling each prefill bucket on empty caches, built from the exported
-    graph's inputs) drives the same search with int8_block; the floor is checked independently on the compiled
-    artifacts (logits at the prompts' last tokens)."""
+    graph's inputs) drives the same search with int8_block and int4; the floor is checked independently on the
+    compiled artifacts (logits at the prompts' last tokens)."""
     import onnx
 
     from qbuild.backends.onnxruntime import graph_inputs
@@ -133,10 +141,9 @@ def test_min_cosine_on_a_causal_lm_keeps_the_most_sensitive_matmuls_in_fp32(tmp_
     from qbuild.runtime.onnxruntime import open_session
     from qbuild.tasks import get_task
 
-    floor = 0.99999  # above what all-int8_block reaches on these random weights (0.99986)
     over = [*BASE, "verify.enabled=false"]
     ref = build(KV, over, cache_dir=tmp_path)
-    q = build(KV, [*over, "compile.onnxruntime.quantize=int8_block",
+    q = build(KV, [*over, f"compile.onnxruntime.quantize={mode}",
                    f"compile.onnxruntime.quantize_min_cosine={floor}"], cache_dir=tmp_path)
     qdir, rdir = Path(q.artifacts["compiled"]), Path(ref.artifacts["compiled"])
     (record,) = [r for r in (tmp_path / "objects" / "compile").glob("*/record.json") if r.parent.name in str(qdir)]

@@ -385,8 +385,8 @@ def test_moved_key_deleted_by_an_override() -> None:
         ({"onnxruntime": {"graph_optimization": "max"}}, "compile.onnxruntime.graph_optimization",
          "basic, extended, all"),
         ({"onnxruntime": {"quantize": "int2"}}, "compile.onnxruntime.quantize", "none, int8, int8_block, int4"),
-        ({"onnxruntime": {"quantize": "int4", "quantize_min_cosine": 0.99}}, "compile.onnxruntime.quantize_min_cosine",
-         "int8 or int8_block only"),
+        ({"onnxruntime": {"quantize": "none", "quantize_min_cosine": 0.99}}, "compile.onnxruntime.quantize_min_cosine",
+         "but quantize is none"),
         ({"onnxruntime": {"session": "static"}}, "compile.onnxruntime.session", "auto, fixed, dynamic"),
         ({"qaic": {"num_cores": 0}}, "compile.qaic.num_cores", "between 1 and 64"),
         ({"qaic": {"num_cores": 65}}, "compile.qaic.num_cores", "between 1 and 64"),
@@ -402,8 +402,8 @@ def test_new_backend_keys_are_validated(data: dict, key: str, fragment: str) -> 
     assert info.value.key == key and fragment in str(info.value)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8_block"])
-def test_min_cosine_is_accepted_with_either_int8(mode: str) -> None:
+@pytest.mark.parametrize("mode", ["int8", "int8_block", "int4"])
+def test_min_cosine_is_accepted_with_every_quantisation(mode: str) -> None:
     o = to_manifest({**TINY, "compile": {"onnxruntime": {"quantize": mode, "quantize_min_cosine": 0.99}}})
     assert (o.compile.onnxruntime.quantize, o.compile.onnxruntime.quantize_min_cosine) == (mode, 0.99)
 
