@@ -14,8 +14,9 @@
   16 levels span the block's own minimum to maximum rather than plus and minus its largest magnitude). On a
   trained 5M Llama (bench/quant_trained.py: Python's documentation, held-out text) asymmetric int4 raised the
   held-out loss by 0.0023 nats per token against symmetric's 0.0107, and teacher-forced top-1 agreement with
-  fp32 was 93.4% against 92.1%, at the same decode speed on the 100M bench Llama (asymmetric / symmetric
-  tok/s per round: median 1.02, 12 interleaved rounds). int8_block stays symmetric (99% agreement).
+  fp32 was 93.4% against 92.1%, at about the same decode speed on the 100M bench Llama (asymmetric /
+  symmetric tok/s per round, 12 interleaved rounds: median 1.02, 1.00, 0.97 and 0.97 in four runs).
+  int8_block stays symmetric (99% agreement).
 
 The block modes run float32 graphs with ``accuracy_level`` 4: activations quantised to int8 per block and
 MLAS's integer kernels, instead of dequantising the weights to fp32 (float16 graphs: level 1, see
