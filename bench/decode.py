@@ -10,9 +10,10 @@ bandwidth is the best of several read kernels (numpy, BLAS, ONNX Runtime) measur
 session's thread count (bench/_machine.py). The fraction reached is never printed above 100 %: if qbuild
 beats the measured bandwidth, the measurement was not a limit, the bench says so and uses qbuild's own
 achieved bandwidth as the limit's lower bound. The quantised builds' greedy tokens are compared with fp32's
-over the generated tokens. Since this machine's bandwidth moves within minutes, the first build's limit is also
-measured right after each of its repeats, and the fraction paired with it is printed (min / median). Ends with
-one JSON line (DESIGN rule 15).
+over the generated tokens (on these random weights the logits are too flat for that to measure the quantiser:
+bench/quant_trained.py measures quantisation on a trained model). Since this machine's bandwidth moves within
+minutes, the first build's limit is also measured right after each of its repeats, and the fraction paired with
+it is printed (min / median). Ends with one JSON line (DESIGN rule 15).
 """
 
 from __future__ import annotations
