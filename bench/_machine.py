@@ -73,6 +73,20 @@ def token_agreement(reference: Sequence[int], other: Sequence[int]) -> dict[str,
             "first_divergence": first, "tokens": n}
 
 
+def logit_fidelity(reference: Any, other: Any) -> dict[str, float]:
+    """Teacher-forced comparison with the reference's logits: top-1 agreement per step, the reference's top-2
+    margin (how flat its logits are: random weights give tiny margins any rounding flips), and the RMS logit
+    error relative to the reference logits' spread."""
+    import numpy as np
+
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    err = np.sqrt(((other - reference) ** 2).mean(-1)) / reference.std(-1)
+    return {"top1_agreement": float((other.argmax(-1) == reference.argmax(-1)).mean()),
+            "ref_margin_median": float(np.median(margin)), "ref_margin_min": float(margin.min()),
+            "relative_logit_rmse": float(np.median(err))}
+
+
 # --- facts ----------------------------------------------------------------------------------------
 
 

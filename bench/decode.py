@@ -36,6 +36,7 @@ from _machine import (  # noqa: E402
     bounded_fraction,
     format_facts,
     l3_bytes,
+    logit_fidelity,
     machine_facts,
     read_bandwidth,
     summary,
@@ -115,20 +116,6 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
     return {"tok_s": tok_s, "size_mb": size / 1e6, "build_s": build_s, "tokens": tokens, "threads": threads,
             "weights": weight_bytes(compiled), "runtime": rt, "session_mode": rt.sessions.mode, "paired_limits": limits,
             "kv_attention": "group_query" if rt.in_place else "plain"}
-
-
-def logit_fidelity(reference: Any, other: Any) -> dict[str, float]:
-    """Teacher-forced comparison with the reference's logits: top-1 agreement per step, the reference's top-2
-    margin (how flat its logits are: random weights give tiny margins any rounding flips), and the RMS logit
-    error relative to the reference logits' spread."""
-    import numpy as np
-
-    top2 = np.sort(reference, axis=-1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    err = np.sqrt(((other - reference) ** 2).mean(-1)) / reference.std(-1)
-    return {"top1_agreement": float((other.argmax(-1) == reference.argmax(-1)).mean()),
-            "ref_margin_median": float(np.median(margin)), "ref_margin_min": float(margin.min()),
-            "relative_logit_rmse": float(np.median(err))}
 
 
 def hf_runs(a: argparse.Namespace, cache: Path, prompt: list[int]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ Random weights cannot measure this: their logits are so flat (bench/decode.py: f
 0.04) that any rounding flips the argmax. So this bench first trains a small Llama for real (AdamW, next-token
 loss) on Python's own documentation (``pydoc_data.topics``, shipped with the interpreter: no download), with a
 byte-level BPE trained on the same text; every tenth topic is held out. The checkpoint is kept in
-``--model-dir`` (keyed by the corpus and the settings), so later runs skip the training.
+``--model-dir`` (keyed by the corpus, the settings and the training code), so later runs skip the training.
 
 qbuild then builds it (tiny-llama-kv.yaml with ``model.path``) in fp32 and each quantisation, and each build:
 - generates greedily from prompts cut from the held-out text (``--prompts`` of 32 tokens, ``--new-tokens``
@@ -22,7 +22,9 @@ are min / median; the last line is one JSON object (DESIGN rule 15).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import inspect
 import json
 import os
 import statistics
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _machine import format_facts, machine_facts, summary, token_agreement  # noqa: E402
+from _machine import format_facts, logit_fidelity, machine_facts, summary, token_agreement  # noqa: E402
 
 PROMPT = 32
 CTX = 256
@@ -49,6 +51,7 @@ TRAIN_KEYS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", 
 GOAL = 0.95
 
 
+@functools.cache
 def corpus() -> tuple[str, str]:
     """(training text, held-out text): Python's documentation topics in name order, every tenth held out."""
     import pydoc_data.topics as topics
@@ -104,7 +107,7 @@ def train(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         windows = [held_ids[s:s + a.seq + 1] for s in range(0, len(held_ids) - a.seq - 1, a.seq)][:64]
         held_loss = float(np.mean([float(_next_token_loss(model, torch.from_numpy(w[None]))) for w in windows]))
     seconds = time.perf_counter() - t0
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     info = {"train_tokens": len(ids), "held_out_tokens": len(held_ids), "seconds": round(seconds, 1),
             "first_loss": round(losses[0], 3), "last_loss": round(float(np.mean(losses[-10:])), 3),
@@ -121,12 +124,15 @@ def _next_token_loss(model: Any, batch: Any) -> Any:
 
 
 def checkpoint(a: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    """The trained checkpoint for these settings: from ``--model-dir`` when there, else trained now."""
+    """The trained checkpoint for these settings: from ``--model-dir`` when there, else trained now (keyed by the
+    corpus, torch's version, the settings and the training code)."""
     import torch
 
     text, held = corpus()
     key = hashlib.sha256(json.dumps({"corpus": hashlib.sha256((text + held).encode()).hexdigest(),
                                      "torch": torch.__version__.split("+")[0],
+                                     "recipe": hashlib.sha256("".join(inspect.getsource(f) for f in (
+                                         train, _next_token_loss)).encode()).hexdigest(),
                                      **{k: getattr(a, k) for k in TRAIN_KEYS}}, sort_keys=True).encode())
     out = Path(a.model_dir) / f"llama-{key.hexdigest()[:16]}"
     if (out / "training.json").exists():
@@ -205,7 +211,7 @@ def parse() -> argparse.Namespace:
                     help="builds compared with fp32 (MODE or MODE:FLOOR, FLOOR = quantize_min_cosine)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "qbuild-bench-trained"),
-                    help="where trained checkpoints are kept (keyed by corpus and settings)")
+                    help="where trained checkpoints are kept (keyed by corpus, settings and training code)")
     ap.add_argument("--quick", action="store_true", help="a 2-layer model trained 30 steps, 3 short prompts: a "
                                                          "smoke run (its figures mean nothing)")
     a = ap.parse_args()
@@ -240,12 +246,12 @@ def main() -> None:
     # row i of forced logits predicts passage token PROMPT + i (row 0: after the prompt)
     targets = [np.array(p[PROMPT:]) for p in passages]
     fp32_nll = [log_softmax_nll(f, t) for f, t in zip(base["forced"], targets, strict=True)]
-    margins = np.concatenate([np.diff(np.sort(f, -1)[:, -2:], axis=-1)[:, 0] for f in base["forced"]])
+    spread = logit_fidelity(np.concatenate(base["forced"]), np.concatenate(base["forced"]))  # fp32's top-2 margins
     fp32_acc = [float((f.argmax(-1) == t).mean()) for f, t in zip(base["forced"], targets, strict=True)]
     for q in quants:
         r = runs[q]
         agree = [token_agreement(ref, got) for ref, got in zip(base["greedy"], r["greedy"], strict=True)]
-        top1 = [float((f.argmax(-1) == b.argmax(-1)).mean()) for f, b in zip(r["forced"], base["forced"], strict=True)]
+        top1 = [logit_fidelity(b, f)["top1_agreement"] for f, b in zip(r["forced"], base["forced"], strict=True)]
         nll = [log_softmax_nll(f, t) for f, t in zip(r["forced"], targets, strict=True)]
         results[q] = {
             "greedy_overall": summary([g["overall"] for g in agree]),
@@ -267,8 +273,8 @@ def main() -> None:
           f"({training['train_tokens']} tokens; " + ("cached" if training["cached"] else f"{training['seconds']} s")
           + f"): loss {training['first_loss']} -> {training['last_loss']}, held-out {training['held_out_loss']}")
     print(f"fp32: held-out loss {statistics.mean(fp32_nll):.3f} nats/token, next-token accuracy "
-          f"{statistics.mean(fp32_acc):.0%}, top-2 margin median {float(np.median(margins)):.3f} "
-          f"(min {float(margins.min()):.4f}); greedy tokens equal HF generate: {base['greedy'] == hf}")
+          f"{statistics.mean(fp32_acc):.0%}, top-2 margin median {spread['ref_margin_median']:.3f} "
+          f"(min {spread['ref_margin_min']:.4f}); greedy tokens equal HF generate: {base['greedy'] == hf}")
     print(f"{len(prompts)} held-out prompts of {PROMPT} tokens, {a.new_tokens} greedy tokens each; per prompt "
           "min / median")
     print(f"{'build':<11} {'greedy overall':>17} {'mean':>6} {'prefix':>13} {'forced top-1':>15} {'mean':>6} "
@@ -284,7 +290,7 @@ def main() -> None:
         "bench": "quant_trained", "quick": a.quick, "params_m": round(training["params"] / 1e6, 2),
         "training": training, "prompts": len(prompts), "new_tokens": a.new_tokens, "threads": a.threads,
         "fp32": {"held_out_nll": rnd, "next_token_accuracy": round(statistics.mean(fp32_acc), 4),
-                 "top2_margin_median": round(float(np.median(margins)), 4), "tokens_match_hf": base["greedy"] == hf},
+                 "top2_margin_median": round(spread["ref_margin_median"], 4), "tokens_match_hf": base["greedy"] == hf},
         "quantized": {q: {k: ({kk: round(vv, 4) for kk, vv in v.items()} if isinstance(v, dict)
                               else round(v, 4) if isinstance(v, float) else v)
                           for k, v in r.items()} for q, r in results.items()},
