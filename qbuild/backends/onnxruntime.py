@@ -129,11 +129,24 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
     return {**info, "files": files}
 
 
-def kv_attention(export: dict[str, Any]) -> str | None:
-    """``group_query`` when the export wrote its KV attention as GroupQueryAttention (the runtime then binds the
-    caches in place and keeps to its padding contract), else None."""
-    attention = str((export.get("graph_form") or {}).get("attention", ""))
-    return "group_query" if attention.startswith("com.microsoft GroupQueryAttention") else None
+def kv_attention(onnx_path: Path) -> str | None:
+    """``group_query`` when the graph's retained-state KV caches are written by ONNX Runtime's GroupQueryAttention
+    (the runtime then binds them in place and keeps to its padding contract), else None. Read from the graph
+    itself, not from the export's report: the runtime's binding must follow what the graph does."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    gqa = {out for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"
+           for out in n.output}
+    if not gqa:
+        return None
+    retained = [o.name for o in model.graph.output if o.name.endswith("_RetainedState")]
+    others = [name for name in retained if name not in gqa]
+    if not retained or others:
+        why = (f"{', '.join(others[:3])} not written by it" if others else "no retained-state outputs")
+        raise CompileError(f"{onnx_path}: GroupQueryAttention in a graph whose KV caches the runtime cannot bind in "
+                           f"place ({why}): the caches must all be GroupQueryAttention's outputs or none")
+    return "group_query"
 
 
 def _dtype_hint(onnx_path: Path) -> str | None:
@@ -330,7 +343,7 @@ class OrtBackend(Backend):
             info = compile_onnx(onnx, ctx.out, num_cores=o.threads, graph_optimization=o.graph_optimization,
                                 specializations=specs, session=o.session,
                                 sample_inputs=lambda symbols: task.sample_inputs(dict(symbols), vocab),
-                                kv_attention=kv_attention(export))
+                                kv_attention=kv_attention(onnx))
         return {**info, **({"quantization": quant} if quant else {})}
 
     def open(self, directory: Path, *, threads: int | None = None) -> Artifact:
