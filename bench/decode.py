@@ -13,7 +13,10 @@ achieved bandwidth as the limit's lower bound. The quantised builds' greedy toke
 over the generated tokens (on these random weights the logits are too flat for that to measure the quantiser:
 bench/quant_trained.py measures quantisation on a trained model). Since this machine's bandwidth moves within
 minutes, the first build's limit is also measured right after each of its repeats, and the fraction paired with
-it is printed (min / median). Ends with one JSON line (DESIGN rule 15).
+it is printed (min / median). So is fp32's kernel ceiling (MatMulCeiling): the compiled model's weight MatMuls
+alone (same weights and shapes, M=1) in one ONNX Runtime session, timed right after each repeat; decode tok/s over
+its tok/s is what the rest of the graph and the runtime leave of what ORT's MatMul allows. Ends with one JSON line
+(DESIGN rule 15).
 """
 
 from __future__ import annotations
@@ -87,6 +90,71 @@ def weight_bytes(compiled: Path) -> dict[str, int]:
     return {"total": total, "read": read}
 
 
+def weight_matmuls(compiled: Path) -> list[tuple[str, int, int]]:
+    """The compiled model's MatMuls on fp32 weights: (initializer name, K, N) each, in graph order."""
+    import onnx
+
+    model = onnx.load(str(compiled / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
+            out.append((w.name, int(w.dims[0]), int(w.dims[1])))
+    return out
+
+
+class MatMulCeiling:
+    """The fp32 decode's kernel ceiling: one ONNX Runtime session (same threads) running only the compiled model's
+    weight MatMuls, at M=1, on the same weights and shapes (prepacked as the decode's are), nothing else. A decode
+    step on ORT's MatMul cannot be faster than one run of it; decode tok/s over 1 / its run time is the share the
+    rest of the graph and the runtime leave. Timed right after each decode repeat (the machine's bandwidth moves
+    within minutes), median against median."""
+
+    def __init__(self, compiled: Path, threads: int) -> None:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto as T
+        from onnx import helper as h
+
+        mats = weight_matmuls(compiled)
+        model = onnx.load(str(compiled / "model.onnx"))  # external data read in: the weights the decode reads
+        inits = {i.name: i for i in model.graph.initializer}
+        ks = sorted({k for _, k, _ in mats})
+        nodes = [h.make_node("MatMul", [f"x{k}", name], [f"y{i}"]) for i, (name, k, _) in enumerate(mats)]
+        graph = h.make_graph(nodes, "matmuls", [h.make_tensor_value_info(f"x{k}", T.FLOAT, [1, k]) for k in ks],
+                             [h.make_tensor_value_info(f"y{i}", T.FLOAT, [1, n]) for i, (_, _, n) in enumerate(mats)],
+                             initializer=[inits[name] for name, _, _ in mats])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        with tempfile.TemporaryDirectory() as tmp:  # external data: a large model's weights pass the 2 GB protobuf
+            path = Path(tmp) / "matmuls.onnx"
+            onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path),
+                      save_as_external_data=True, location="matmuls.data")
+            del model, inits, graph
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.io = self.session.io_binding()
+        for k in ks:
+            self.io.bind_cpu_input(f"x{k}", np.ones((1, k), np.float32))
+        for i in range(len(mats)):
+            self.io.bind_output(f"y{i}")
+        self.session.run_with_iobinding(self.io)
+        self.matmuls, self.bytes = len(mats), sum(k * n * 4 for _, k, n in mats)
+
+    def tok_s(self, seconds: float, min_runs: int = 5) -> float:
+        """1 / the median seconds of one run, over ``seconds`` (at least ``min_runs`` runs)."""
+        times: list[float] = []
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(times) < min_runs:
+            t0 = time.perf_counter()
+            self.session.run_with_iobinding(self.io)
+            times.append(time.perf_counter() - t0)
+        return 1 / statistics.median(times)
+
+
 def kv_bytes(a: argparse.Namespace) -> int:
     """The retained KV cache read by one decode step (static ``ctx_len`` positions, fp32, K and V)."""
     return 2 * a.layers * a.kv_heads * CTX * (a.hidden // a.heads) * 4
@@ -106,16 +174,21 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
     rt.generate([prompt], 8, None)  # warm-up (opens the sessions it runs)
     session = rt.session or next(iter(rt._bindings.values()))[0]
     threads = session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
-    tok_s, tokens, limits = [], None, []
+    ceiling = MatMulCeiling(compiled, threads) if quantize == "none" and paired else None
+    tok_s, tokens, limits, ceiling_tok_s = [], None, [], []
     for _ in range(a.repeat):
         g = rt.generate([prompt], a.new_tokens, None)
         tok_s.append((a.new_tokens - 1) / g.decode_s)
         tokens = g.tokens[0]
         if paired:  # this machine's bandwidth moves by 40 % within minutes: a limit from the same minute
             limits.append(read_bandwidth(threads, a.bandwidth_seconds / 2)["gb_s"])
+        if ceiling:
+            ceiling_tok_s.append(ceiling.tok_s(a.bandwidth_seconds / 3))
+    if ceiling:
+        ceiling = {"matmuls": ceiling.matmuls, "bytes": ceiling.bytes, "tok_s": ceiling_tok_s}
     return {"tok_s": tok_s, "size_mb": size / 1e6, "build_s": build_s, "tokens": tokens, "threads": threads,
             "weights": weight_bytes(compiled), "runtime": rt, "session_mode": rt.sessions.mode, "paired_limits": limits,
-            "kv_attention": "group_query" if rt.in_place else "plain"}
+            "kv_attention": "group_query" if rt.in_place else "plain", "ceiling": ceiling}
 
 
 def hf_runs(a: argparse.Namespace, cache: Path, prompt: list[int]) -> dict[str, Any]:
@@ -233,6 +306,16 @@ def main() -> None:
         print(f"qbuild fp32 ({base_q}) reads {limits[base_q]['achieved_gb_s']:.1f} GB/s = "
               f"{limits[base_q]['achieved_gb_s'] / ort_gemv:.0%} of ONNX Runtime's own M=1 MatMul "
               f"({ort_gemv:.1f} GB/s in this run)")
+    ceiling = base["ceiling"]
+    if ceiling:
+        ceiling["fractions"] = [bounded_fraction(t, c)["fraction"]
+                                for t, c in zip(base["tok_s"], ceiling["tok_s"], strict=True)]
+        print(f"qbuild {base_q} decode against its {ceiling['matmuls']} weight MatMuls alone on ONNX Runtime "
+              f"({ceiling['bytes'] / 1e6:.0f} MB; timed right after each repeat): "
+              + ", ".join(f"{f:.0%} ({c:.1f} tok/s)" for f, c in zip(ceiling["fractions"], ceiling["tok_s"],
+                                                                       strict=True))
+              + f"; min {min(ceiling['fractions']):.0%}, median {statistics.median(ceiling['fractions']):.0%}: "
+              "the share the rest of the graph and the runtime leave")
     for q, g in agree.items():
         f = fidelity[q]
         print(f"greedy agreement {q} vs {base_q} over {g['tokens']} tokens: prefix {g['prefix']:.0%} "
@@ -256,6 +339,10 @@ def main() -> None:
         "paired_fraction": {"min": round(min(paired), 3), "median": round(statistics.median(paired), 3),
                             "limits_gb_s": base["paired_limits"]} if paired else None,
         "fraction_of_ort_gemv": round(base_lim["achieved_gb_s"] / ort_gemv, 3) if ort_gemv else None,
+        "matmul_ceiling": {"tok_s": [round(t, 2) for t in ceiling["tok_s"]],
+                           "fraction": {"min": round(min(ceiling["fractions"]), 3),
+                                        "median": round(statistics.median(ceiling["fractions"]), 3)},
+                           "matmuls": ceiling["matmuls"], "mb": round(ceiling["bytes"] / 1e6, 1)} if ceiling else None,
         "tokens_match_hf": base["tokens"] == hf["tokens"],
         "quantized": {q: {"tok_s": {k: round(v, 2) for k, v in summary(r["tok_s"]).items()},
                           "size_mb": round(r["size_mb"], 1), "weights_mb": round(r["weights"]["total"] / 1e6, 1),

@@ -80,7 +80,7 @@ def test_read_bandwidth_and_gemm_peak_small() -> None:
     assert g["flop_s"] > 0 and set(g["kernels"]) == {"ort 16x32x8", "numpy 16x32x8"}
 
 
-def test_weight_bytes_counts_initializers_and_skips_gather_tables(tmp_path: Path) -> None:
+def test_weight_bytes_and_matmuls_skip_gather_tables(tmp_path: Path) -> None:
     import numpy as np
     import onnx
     from onnx import TensorProto as T
@@ -94,7 +94,12 @@ def test_weight_bytes_counts_initializers_and_skips_gather_tables(tmp_path: Path
                          [h.make_tensor_value_info("y", T.FLOAT, [1, 4])], initializer=[table, w])
     onnx.save(h.make_model(graph), str(tmp_path / "model.onnx"), save_as_external_data=True,
               location="model.onnx.data", size_threshold=1024)  # the table goes external, w stays inline
-    assert _load("decode").weight_bytes(tmp_path) == {"total": 3328, "read": 128}
+    decode = _load("decode")
+    assert decode.weight_bytes(tmp_path) == {"total": 3328, "read": 128}
+    # the MatMul-only ceiling runs the weight MatMuls alone (the Gather table is not one)
+    assert decode.weight_matmuls(tmp_path) == [("w", 8, 4)]
+    ceiling = decode.MatMulCeiling(tmp_path, 1)
+    assert (ceiling.matmuls, ceiling.bytes) == (1, 128) and ceiling.tok_s(0.01) > 0
 
 
 @pytest.mark.slow
@@ -109,6 +114,10 @@ def test_quick_bench_ends_with_bounded_limit(bench: str) -> None:
             assert 0 < q["fraction_of_limit"] <= 1
         assert {"prefix", "overall"} <= set(last["quantized"]["int8"]["agreement"])
         assert last["fraction_of_ort_gemv"] > 0 and "int8_block" in last["quantized"]
+        # the fp32 decode against its own weight MatMuls run alone: 2 layers x 7 + lm_head
+        ceiling = last["matmul_ceiling"]  # timed right after each fp32 repeat
+        assert ceiling["matmuls"] == 15 and len(ceiling["tok_s"]) >= 3
+        assert 0 < ceiling["fraction"]["min"] <= ceiling["fraction"]["median"] <= 1
         # the default build of the bench's Llama: GroupQueryAttention (compile.onnxruntime.attention=auto)
         assert {q["kv_attention"] for q in last["quantized"].values()} == {"group_query"}
         assert {q["session_mode"] for q in last["quantized"].values()} <= {"fixed", "dynamic"}
