@@ -265,6 +265,7 @@ def main() -> None:
             "kept_fp32": r["record"].get("kept_fp32", []),
             "matmuls": r["record"].get("matmuls"),
             "symmetric": r["record"].get("symmetric"),
+            "head": r["record"].get("head"),  # int4: the output head's MatMuls, quantised in int8 blocks
         }
     facts = machine_facts()
     print(format_facts(facts))
@@ -284,15 +285,16 @@ def main() -> None:
         print(f"{q:<11} {g['min']:8.0%} {g['median']:8.0%} {r['greedy_overall_mean']:6.0%} {p['min']:6.0%} "
               f"{p['median']:6.0%} {t['min']:7.0%} {t['median']:7.0%} {r['teacher_forced_top1_mean']:6.0%} "
               f"{r['nll_increase']:10.4f}"
-              + (f"  (kept in fp32: {', '.join(r['kept_fp32']) or 'none'})" if ":" in q else ""))
+              + (f"  (kept in fp32: {', '.join(r['kept_fp32']) or 'none'})" if ":" in q else "")
+              + (f"  (head in {r['head']['quantize']}: {', '.join(r['head']['matmuls'])})" if r["head"] else ""))
     rnd = {k: round(v, 4) for k, v in summary(fp32_nll).items()}
     print(json.dumps({
         "bench": "quant_trained", "quick": a.quick, "params_m": round(training["params"] / 1e6, 2),
         "training": training, "prompts": len(prompts), "new_tokens": a.new_tokens, "threads": a.threads,
         "fp32": {"held_out_nll": rnd, "next_token_accuracy": round(statistics.mean(fp32_acc), 4),
                  "top2_margin_median": round(spread["ref_margin_median"], 4), "tokens_match_hf": base["greedy"] == hf},
-        "quantized": {q: {k: ({kk: round(vv, 4) for kk, vv in v.items()} if isinstance(v, dict)
-                              else round(v, 4) if isinstance(v, float) else v)
+        "quantized": {q: {k: ({kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()}
+                              if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v)
                           for k, v in r.items()} for q, r in results.items()},
         "agreement_goal": GOAL, "machine": facts}))
 

@@ -310,7 +310,8 @@ class OrtBackend(Backend):
         if o.quantize != "none":
             kind = {"int8": "dynamic int8 (MatMulInteger, per-tensor activations)",
                     "int8_block": "int8 MatMulNBits, block 32 (float32 models: int8 activations per block)",
-                    "int4": "int4 MatMulNBits, block 32 (float32 models: int8 activations per block)"}[o.quantize]
+                    "int4": "int4 MatMulNBits, block 32 (float32 models: int8 activations per block; a causal "
+                            "LM's output head in int8 blocks)"}[o.quantize]
             lines.append(f"onnxruntime: weights quantised to {kind} before optimisation")
             if o.quantize_min_cosine is not None:
                 lines.append(f"onnxruntime: the most sensitive MatMuls kept in fp32 (measured one by one) until the "

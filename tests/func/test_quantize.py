@@ -41,14 +41,26 @@ def test_quantised_build_runs_and_is_smaller(tmp_path: Path, mode: str, ops: set
     graph_ops = {n.op_type for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node}
     assert graph_ops & ops
     if mode != "int8":  # int8 activations and MLAS's integer kernels: the fast CPU path (ort_quantize)
-        attrs = {(a.name, a.i) for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
-                 if n.op_type == "MatMulNBits" for a in n.attribute if a.name in ("accuracy_level", "bits")}
-        assert attrs == {("accuracy_level", 4), ("bits", 8 if mode == "int8_block" else 4)}
-        # int4 is asymmetric (a zero point per block, ort_quantize.SYMMETRIC), int8_block symmetric
-        zero_points = {len(n.input) > 3 and bool(n.input[3])
-                       for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
-                       if n.op_type == "MatMulNBits"}
-        assert zero_points == {mode == "int4"}
+        from qbuild.backends.ort_quantize import output_head
+
+        exported = onnx.load(str(Path(q.artifacts["onnx"])), load_external_data=False).graph
+        head = {f"{name}_Q8" for name in output_head(exported)}
+        assert len(head) == 1  # the tiny Llama's lm_head
+        nbits = [n for n in onnx.load(str(qdir / "model.onnx"), load_external_data=False).graph.node
+                 if n.op_type == "MatMulNBits"]
+        attrs = {(n.name in head, a.name, a.i) for n in nbits for a in n.attribute
+                 if a.name in ("accuracy_level", "bits")}
+        # int4: the output head in int8 blocks (ort_quantize.HEAD_MODE), the body in 4 bits
+        body_bits = 8 if mode == "int8_block" else 4
+        assert attrs == {(True, "accuracy_level", 4), (True, "bits", 8), (False, "accuracy_level", 4),
+                         (False, "bits", body_bits)}
+        # int4 is asymmetric (a zero point per block, ort_quantize.SYMMETRIC), int8 blocks symmetric
+        zero_points = {(n.name in head, len(n.input) > 3 and bool(n.input[3])) for n in nbits}
+        assert zero_points == {(True, False), (False, mode == "int4")}
+        (record,) = [r for r in (tmp_path / "objects" / "compile").glob("*/record.json") if r.parent.name in str(qdir)]
+        info = json.loads(record.read_text())["meta"]["quantization"]
+        expected = {"matmuls": output_head(exported), "quantize": "int8_block"} if mode == "int4" else None
+        assert info.get("head") == expected
 
     def size(d: Path) -> int:
         return sum(f.stat().st_size for f in d.iterdir())

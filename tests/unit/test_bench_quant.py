@@ -26,3 +26,5 @@ def test_quick_quant_trained_compares_each_quantisation_with_fp32() -> None:
     assert q["int8_block"]["teacher_forced_top1_mean"] >= 0.9 and abs(q["int8_block"]["nll_increase"]) < 0.05
     assert (q["int4"]["symmetric"], q["int8_block"]["symmetric"], q["int8"]["symmetric"]) == (False, True, None)
     assert q["int4:0.999"]["matmuls"] == 2 * 7 + 1 and q["int4"]["kept_fp32"] == []
+    assert q["int4"]["head"] == {"matmuls": ["/inner/lm_head/MatMul"], "quantize": "int8_block"}
+    assert q["int8_block"]["head"] is None
