@@ -75,11 +75,12 @@ def _check_compile_args(onnx_path: Path, out_dir: Path, graph_optimization: str,
 
 def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimization: str,
                  specializations: list[dict[str, Any]] | None = None, session: str = "auto",
-                 sample_inputs: SampleInputs | None = None, kv_attention: str | None = None) -> dict[str, Any]:
+                 sample_inputs: SampleInputs | None = None) -> dict[str, Any]:
     """Optimise ``onnx_path`` offline into ``out_dir/model.onnx`` (+ ``.data``) and write ``session.json``.
 
-    ``kv_attention``: recorded for the runtime (``group_query``: the KV caches are written in place by
-    GroupQueryAttention, under its padding contract, qbuild.transforms.models.llama.gqa_slots).
+    ``session.json`` records the graph's ``kv_attention`` form for the runtime (:func:`kv_attention`;
+    ``group_query``: the KV caches are written in place by GroupQueryAttention, under its padding contract,
+    qbuild.transforms.models.llama.gqa_slots).
     With ``specializations`` (``[{"name", "symbols": {dim: int}}]``), ``session`` chooses fixed-shape
     sessions or one dynamic session; ``auto`` measures both on ``sample_inputs(symbols)``.
     """
@@ -105,6 +106,7 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
     except Exception as exc:
         raise CompileError(f"ONNX Runtime could not compile {onnx_path}: {one_line(exc)}",
                            hint=_dtype_hint(onnx_path)) from exc
+    form = kv_attention(onnx_path)  # read once ONNX Runtime has parsed the file: a corrupt one fails above
     info = {
         "backend": "onnxruntime",
         "onnxruntime": ort.__version__,
@@ -117,7 +119,7 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
         "inputs": _io(optimiser.get_inputs()),
         "outputs": _io(optimiser.get_outputs()),
         "specializations": list(specializations or []),
-        **({"kv_attention": kv_attention} if kv_attention else {}),
+        **({"kv_attention": form} if form else {}),
     }
     del optimiser
     info["session"] = choose_session(target, info, session, sample_inputs)
@@ -343,8 +345,7 @@ class OrtBackend(Backend):
                 ctx.progress(f"measuring fixed-shape vs dynamic sessions on {len(specs)} specialisations", None)
             info = compile_onnx(onnx, ctx.out, num_cores=o.threads, graph_optimization=o.graph_optimization,
                                 specializations=specs, session=o.session,
-                                sample_inputs=lambda symbols: task.sample_inputs(dict(symbols), vocab),
-                                kv_attention=kv_attention(onnx))
+                                sample_inputs=lambda symbols: task.sample_inputs(dict(symbols), vocab))
         return {**info, **({"quantization": quant} if quant else {})}
 
     def open(self, directory: Path, *, threads: int | None = None) -> Artifact:
