@@ -116,9 +116,9 @@ def output_head(graph: Any) -> list[str]:
     heads, seen, todo = set(), set(), ["logits"]
     while todo:
         node = producer.get(todo.pop())
-        if node is None or node.name in seen:
+        if node is None or id(node) in seen:  # by identity: exports may leave node names empty
             continue
-        seen.add(node.name)
+        seen.add(id(node))
         if node.op_type == "MatMul":
             if node.input[1] in weights:
                 heads.add(node.name)

@@ -33,6 +33,9 @@ def test_softcapped_logits() -> None:  # Gemma's final logit soft-capping sits b
              helper.make_node("Tanh", ["d"], ["t"], name="tanh"),
              helper.make_node("Mul", ["t", "x"], ["logits"], name="mul")]
     assert output_head(_graph(nodes, ["logits"], ["w_body", "w"])) == ["head"]
+    for node in nodes[2:]:  # unnamed nodes on the way are walked all the same
+        node.name = ""
+    assert output_head(_graph(nodes, ["logits"], ["w_body", "w"])) == ["head"]
 
 
 def test_no_logits_output_and_a_head_of_computed_weights() -> None:
