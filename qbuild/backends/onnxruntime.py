@@ -28,6 +28,7 @@ from qbuild.errors import CompileError, RunError, one_line
 from qbuild.manifest.schema import Manifest
 from qbuild.runtime.onnxruntime import (
     DATA_FILE,
+    DISABLED_OPTIMIZERS,
     MODEL_FILE,
     PROVIDERS,
     SESSION_FILE,
@@ -102,7 +103,8 @@ def compile_onnx(onnx_path: Path, out_dir: Path, *, num_cores: int, graph_optimi
         "session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_MIN_BYTES)
     )
     try:
-        optimiser = ort.InferenceSession(str(onnx_path), so, providers=PROVIDERS)
+        optimiser = ort.InferenceSession(str(onnx_path), so, providers=PROVIDERS,
+                                         disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as exc:
         raise CompileError(f"ONNX Runtime could not compile {onnx_path}: {one_line(exc)}",
                            hint=_dtype_hint(onnx_path)) from exc

@@ -217,7 +217,10 @@ def _outputs(model: Path, calibration: Sequence[Mapping[str, Any]], optimization
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
-    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    from qbuild.runtime.onnxruntime import DISABLED_OPTIMIZERS  # the artifact's own graph, as it will run
+
+    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=DISABLED_OPTIMIZERS)
     return [session.run(None, dict(feed))[0].reshape(len(next(iter(feed.values()))), -1) for feed in calibration]
 
 

@@ -100,6 +100,12 @@ def test_minilm_matches_sentence_transformers(cache: Path) -> None:
     assert np.abs(result.embeddings - ref).max() <= 1e-5
     again = build(ROOT / "manifests" / "minilm.yaml", overrides, cache_dir=cache)
     assert [s["state"] for s in again.stages] == ["cached"] * 4
+    # the GELU runs as Add + Gelu, not ONNX Runtime's slower fused BiasGelu (runtime.onnxruntime.DISABLED_OPTIMIZERS)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(Path(again.artifacts["compiled"]) / "model.onnx"),
+                                          load_external_data=False).graph.node}
+    assert "Gelu" in ops and "BiasGelu" not in ops
 
 
 # --- pooling on random encoders ----------------------------------------------------------------------
