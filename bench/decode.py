@@ -174,7 +174,7 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
     rt.generate([prompt], 8, None)  # warm-up (opens the sessions it runs)
     session = rt.session or next(iter(rt._bindings.values()))[0]
     threads = session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
-    ceiling = MatMulCeiling(compiled, threads) if quantize == "none" and paired else None
+    kernels = MatMulCeiling(compiled, threads) if quantize == "none" and paired else None
     tok_s, tokens, limits, ceiling_tok_s = [], None, [], []
     for _ in range(a.repeat):
         g = rt.generate([prompt], a.new_tokens, None)
@@ -182,10 +182,9 @@ def qbuild_runs(a: argparse.Namespace, cache: Path, quantize: str, prompt: list[
         tokens = g.tokens[0]
         if paired:  # this machine's bandwidth moves by 40 % within minutes: a limit from the same minute
             limits.append(read_bandwidth(threads, a.bandwidth_seconds / 2)["gb_s"])
-        if ceiling:
-            ceiling_tok_s.append(ceiling.tok_s(a.bandwidth_seconds / 3))
-    if ceiling:
-        ceiling = {"matmuls": ceiling.matmuls, "bytes": ceiling.bytes, "tok_s": ceiling_tok_s}
+        if kernels:
+            ceiling_tok_s.append(kernels.tok_s(a.bandwidth_seconds / 3))
+    ceiling = {"matmuls": kernels.matmuls, "bytes": kernels.bytes, "tok_s": ceiling_tok_s} if kernels else None
     return {"tok_s": tok_s, "size_mb": size / 1e6, "build_s": build_s, "tokens": tokens, "threads": threads,
             "weights": weight_bytes(compiled), "runtime": rt, "session_mode": rt.sessions.mode, "paired_limits": limits,
             "kv_attention": "group_query" if rt.in_place else "plain", "ceiling": ceiling}
