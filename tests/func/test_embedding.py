@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -260,6 +261,17 @@ def test_embedder_pads_to_the_longest_unless_a_batch_fills_its_specialisation(
         feeds = _padded([ids] * 3, bucket)
         want = real({"batch_size": 3, "seq_len": bucket}).run(None, feeds)[0][0]
         np.testing.assert_allclose(got, want, atol=2e-6)
+
+    def entry(session: Any, key: str) -> str | None:
+        try:
+            return session.get_session_options().get_session_config_entry(key)
+        except RuntimeError:  # not set: ONNX Runtime's default (spinning allowed, not stopped)
+            return None
+
+    # the threads spin within a run and stop at its end (the caller pads the next batch meanwhile)
+    for session in embedder.sessions._open.values():
+        assert entry(session, "session.intra_op.allow_spinning") != "0"
+        assert entry(session, "session.force_spinning_stop") == "1"
 
 
 # --- the runtime and the CLI ---------------------------------------------------------------------------
