@@ -102,6 +102,49 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs since boot from /proc/stat, or None where it cannot be read."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user .. steal (guest time is inside user)
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+_START_JIFFIES = _cpu_jiffies()  # at import: the bench's start
+
+
+def run_conditions() -> dict[str, Any]:
+    """What the machine did while the bench ran (since this module was imported): ``steal_pct``, the share of CPU
+    time a hypervisor gave to other guests (a virtual machine's noise: figures of a run with a large share are
+    not comparable with a quiet run's), and the load average now."""
+    now, out = _cpu_jiffies(), {"loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+    if now and _START_JIFFIES and now[1] > _START_JIFFIES[1]:
+        out["steal_pct"] = round(100 * (now[0] - _START_JIFFIES[0]) / (now[1] - _START_JIFFIES[1]), 1)
+    return out
+
+
+def format_conditions(cond: dict[str, Any]) -> str:
+    steal = (f"{cond['steal_pct']}% of CPU time stolen by the hypervisor" if "steal_pct" in cond
+             else "steal time unknown")
+    return f"run conditions: {steal}, load average now {cond['loadavg_end']}"
+
+
+def _torch_blas() -> str | None:
+    """The BLAS torch was built with (MKL's fp32 GEMM on Intel CPUs decides a torch reference's speed), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    config = torch.__config__.show()
+    blas = next((part.split("=", 1)[1] for part in config.replace(",", " ").split() if part.startswith("BLAS_INFO=")),
+                "unknown")
+    return f"torch {torch.__version__} BLAS {blas}"
+
+
 def _cpuinfo() -> tuple[str, set[str]]:
     model, flags = "unknown", set()
     try:
@@ -160,6 +203,7 @@ def machine_facts() -> dict[str, Any]:
                          for p in threadpool_info() if p.get("user_api") == "blas"]
     except ImportError:
         pass
+    facts["torch_blas"] = _torch_blas()
     for var in ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         if os.environ.get(var):
             facts[var] = os.environ[var]
@@ -169,7 +213,8 @@ def machine_facts() -> dict[str, Any]:
 def format_facts(facts: dict[str, Any]) -> str:
     return (f"machine: {facts['cpu']}, {facts['cores']} cores, {facts['mem_total_gb']} GB "
             f"({facts['mem_available_gb']} available), L3 {facts['l3_mb']} MiB, flags {' '.join(facts['flags'])}; "
-            f"numpy {facts['numpy']}, onnxruntime {facts['onnxruntime']}, load average {facts['loadavg']}")
+            f"numpy {facts['numpy']}, onnxruntime {facts['onnxruntime']}, {facts.get('torch_blas') or 'no torch'}, "
+            f"load average {facts['loadavg']}")
 
 
 # --- measurements ---------------------------------------------------------------------------------

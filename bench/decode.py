@@ -37,11 +37,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _machine import (  # noqa: E402
     bounded_fraction,
+    format_conditions,
     format_facts,
     l3_bytes,
     logit_fidelity,
     machine_facts,
     read_bandwidth,
+    run_conditions,
     summary,
     token_agreement,
 )
@@ -325,6 +327,9 @@ def main() -> None:
                                       for q, r in runs.items()))
     print(f"greedy tokens equal HF ({base_q}): {base['tokens'] == hf['tokens']}; load average now {os.getloadavg()}")
     base_lim = limits[base_q]
+    conditions = run_conditions()
+    print(format_conditions(conditions))
+    facts.update(conditions)
     print(json.dumps({
         "bench": "decode", "quick": a.quick, "params_m": round(hf["params"] / 1e6, 1),
         "qbuild_tok_s": round(statistics.median(base["tok_s"]), 2), "qbuild_tok_s_min": round(min(base["tok_s"]), 2),

@@ -28,10 +28,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _machine import (  # noqa: E402
     bounded_fraction,
     encoder_flops_per_seq,
+    format_conditions,
     format_facts,
     gemm_peak,
     machine_facts,
     padded_batches,
+    run_conditions,
     summary,
 )
 
@@ -165,6 +167,9 @@ def main() -> None:
               f"min cosine vs sentence-transformers {cos:.4f} "
               "(integer kernels: no fp32 FLOP limit)")
     print(f"  load average now {os.getloadavg()}")
+    conditions = run_conditions()
+    print(format_conditions(conditions))
+    facts.update(conditions)
     print(json.dumps({"bench": "embed", "quick": args.quick, "qbuild_per_s": round(qps, 1),
                       "qbuild_per_s_min": round(q_s["min"], 1), "st_per_s": round(sps, 1),
                       "st_per_s_min": round(st_s["min"], 1), "ratio": round(qps / sps, 3), "goal": GOAL_FP32,

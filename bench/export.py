@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _machine import format_facts, machine_facts  # noqa: E402
+from _machine import format_conditions, format_facts, machine_facts, run_conditions  # noqa: E402
 
 MANIFEST = ROOT / "manifests" / "tiny-llama-kv.yaml"
 GOAL_RATIO, GOAL_RSS = 1.10, 2.0
@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     for size, r in results.items():
         line.update({f"{size}_{k}": (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     line["loadavg"] = [round(x, 2) for x in (*load_before[:1], *load_after[:1])]
+    conditions = run_conditions()
+    print(format_conditions(conditions))
+    facts.update(conditions)
     line["machine"] = facts
     print(json.dumps(line))
 

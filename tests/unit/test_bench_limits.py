@@ -72,6 +72,25 @@ def test_machine_facts_keys() -> None:
     assert "machine:" in m.format_facts(facts)
 
 
+def test_run_conditions_steal_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share of CPU time a hypervisor stole between the bench's start and now, from /proc/stat's jiffies."""
+    monkeypatch.setattr(m, "_START_JIFFIES", (100, 10_000))
+    monkeypatch.setattr(m, "_cpu_jiffies", lambda: (250, 13_000))  # 150 of 3000 jiffies stolen
+    cond = m.run_conditions()
+    assert cond["steal_pct"] == 5.0 and len(cond["loadavg_end"]) == 3
+    assert "5.0% of CPU time stolen" in m.format_conditions(cond)
+    monkeypatch.setattr(m, "_cpu_jiffies", lambda: None)  # no /proc/stat: no figure, and it says so
+    assert "steal_pct" not in m.run_conditions() and "unknown" in m.format_conditions(m.run_conditions())
+
+
+def test_cpu_jiffies_and_torch_blas_read_this_machine() -> None:
+    jiffies = m._cpu_jiffies()
+    if Path("/proc/stat").is_file():
+        assert jiffies is not None and 0 <= jiffies[0] <= jiffies[1]
+    blas = m.machine_facts()["torch_blas"]  # the test extra installs torch
+    assert blas.startswith("torch ") and " BLAS " in blas and "BLAS unknown" not in blas
+
+
 def test_read_bandwidth_and_gemm_peak_small() -> None:
     bw = m.read_bandwidth(1, 0.05, size_bytes=8 << 20)  # tiny buffer: only the plumbing is under test
     assert bw["gb_s"] == max(bw["kernels"].values()) > 0
@@ -108,6 +127,7 @@ def test_quick_bench_ends_with_bounded_limit(bench: str) -> None:
     last = quick_bench(bench)
     assert 0 < last["fraction_of_limit"] <= 1
     assert isinstance(last["limit_underestimated"], bool) and "machine" in last
+    assert "loadavg_end" in last["machine"] and last["machine"]["torch_blas"]  # run conditions, torch BLAS
     if bench == "decode":
         assert last["bandwidth_gb_s"] > 0 and last["limit_tok_s"] >= last["qbuild_tok_s"]
         for q in last["quantized"].values():
