@@ -325,7 +325,7 @@ def main() -> None:
               f"{base_q} top-2 margin median {f['ref_margin_median']:.4f} (min {f['ref_margin_min']:.5f})")
     print("graph forms: " + ", ".join(f"{q} {r['kv_attention']} attention, {r['session_mode']} sessions"
                                       for q, r in runs.items()))
-    print(f"greedy tokens equal HF ({base_q}): {base['tokens'] == hf['tokens']}; load average now {os.getloadavg()}")
+    print(f"greedy tokens equal HF ({base_q}): {base['tokens'] == hf['tokens']}")
     base_lim = limits[base_q]
     conditions = run_conditions()
     print(format_conditions(conditions))

@@ -166,7 +166,6 @@ def main() -> None:
               + (f" (goal {GOAL_INT8}x at min cosine >= {GOAL_COSINE})" if mode == "int8" else "") + ", "
               f"min cosine vs sentence-transformers {cos:.4f} "
               "(integer kernels: no fp32 FLOP limit)")
-    print(f"  load average now {os.getloadavg()}")
     conditions = run_conditions()
     print(format_conditions(conditions))
     facts.update(conditions)
